@@ -1,0 +1,1 @@
+"""The ``jointface`` command line (typer): parses, calls the library, prints."""

@@ -1,0 +1,539 @@
+"""The gallery: identity store + one vector index per engine, kept in step.
+
+Consistency rules (what survives a crash at any moment):
+
+1. The database is the source of truth. Every change to an engine's faces
+   bumps that engine's generation number *in the same transaction*.
+2. Index files record the generation they mirror and are replaced atomically.
+   Writes (database commit, then index save) happen under an inter-process
+   file lock (``gallery.lock`` in the home folder).
+3. On open, and whenever the database generation moves, an index whose
+   generation, engine version, dimension or contents disagree with the
+   database (or that is missing or damaged) is rebuilt from the database,
+   with a notice. So a crash between commit and index save costs a rebuild,
+   never a face, and a face is either fully enrolled or absent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+from filelock import FileLock, Timeout
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from .errors import GalleryError, IndexCorruptError, PersonExistsError, PersonNotFoundError, StoreError
+from .models import FaceRow, GalleryState, Person
+from .store import IdentityStore, sqlite_path
+from .vectors import VectorIndex
+
+LOCK_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """A candidate identity for a query face: the person's best-matching enrolled face."""
+
+    name: str
+    similarity: float
+    face_id: int
+
+
+@dataclass(frozen=True)
+class NewFace:
+    """A face to enrol: who, the engine's output, and where it came from."""
+
+    person: str
+    embedding: np.ndarray
+    box: tuple[float, float, float, float]
+    score: float
+    source_path: str
+    source_sha256: str
+
+
+@dataclass(frozen=True)
+class IndexReport:
+    engine: str
+    engine_version: str
+    db_faces: int
+    index_faces: int | None
+    db_generation: int
+    index_generation: int | None
+    problems: tuple[str, ...]
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
+
+
+def default_db_url(home: Path) -> str:
+    return f"sqlite:///{Path(home) / 'jointface.db'}"
+
+
+class Gallery:
+    """Open with :meth:`Gallery.open`; close (or use as a context manager) when done."""
+
+    def __init__(self, home: Path, store: IdentityStore, *, notify: Callable[[str], None] | None = None,
+                 index_kind: str = "flat"):
+        self.home = Path(home)
+        self.store = store
+        self.index_kind = index_kind
+        self._notify = notify or (lambda message: None)
+        self._lock = FileLock(str(self.home / "gallery.lock"), timeout=LOCK_TIMEOUT_S)
+        self._indexes: dict[str, VectorIndex] = {}
+
+    # -- opening ----------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, home: str | os.PathLike, db_url: str | None = None, *, notify=None, index_kind: str = "flat",
+             upgrade: bool = True) -> "Gallery":
+        home = Path(home).expanduser()
+        try:
+            home.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise GalleryError(f"cannot create the JointFace home folder {home}: {exc.strerror}") from exc
+        if not os.access(home, os.W_OK):
+            raise GalleryError(f"the JointFace home folder {home} is not writable (check its permissions)")
+        url = db_url or default_db_url(home)
+        lock = FileLock(str(home / "gallery.lock"), timeout=LOCK_TIMEOUT_S)
+        try:
+            with lock:  # one process migrates at a time
+                store = IdentityStore.open(url, upgrade=upgrade)
+        except Timeout as exc:
+            raise GalleryError(f"timed out waiting for the gallery lock in {home}") from exc
+        gallery = cls(home, store, notify=notify, index_kind=index_kind)
+        gallery._remove_stale_temporaries()
+        return gallery
+
+    def close(self) -> None:
+        self._indexes.clear()
+        self.store.close()
+
+    def __enter__(self) -> "Gallery":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        try:
+            with self._lock:
+                yield
+        except Timeout as exc:
+            raise GalleryError(f"timed out after {LOCK_TIMEOUT_S:.0f} s waiting for the gallery lock "
+                               f"({self._lock.lock_file}); is another jointface process stuck?") from exc
+
+    def _remove_stale_temporaries(self) -> None:
+        with contextlib.suppress(OSError, Timeout, GalleryError):
+            with self._lock.acquire(timeout=0):
+                for leftover in self.home.glob("index-*.jfidx.*.tmp"):
+                    leftover.unlink()
+
+    # -- vector indexes ---------------------------------------------------------------------
+
+    def index_path(self, engine_name: str) -> Path:
+        return self.home / f"index-{engine_name}.jfidx"
+
+    def _db_state(self, engine_name: str, engine_version: str) -> tuple[int, np.ndarray]:
+        with self.store.session() as session:
+            generation = self.store.generation(session, engine_name)
+            ids = np.fromiter(
+                session.scalars(select(FaceRow.id).where(FaceRow.engine == engine_name,
+                                                         FaceRow.engine_version == engine_version)),
+                dtype=np.int64,
+            )
+        return generation, np.sort(ids)
+
+    def _rebuild(self, engine_name: str, engine_version: str, dim: int, reason: str | None) -> VectorIndex:
+        """Build the index from the database and save it (caller holds the lock)."""
+        with self.store.session() as session:
+            generation = self.store.generation(session, engine_name)
+            rows = session.execute(
+                select(FaceRow.id, FaceRow.embedding).where(FaceRow.engine == engine_name,
+                                                            FaceRow.engine_version == engine_version)
+                .order_by(FaceRow.id)
+            ).all()
+        index = VectorIndex(engine_name, engine_version, dim, kind=self.index_kind, generation=generation)
+        if rows:
+            ids = np.array([row[0] for row in rows], dtype=np.int64)
+            vectors = np.stack([np.frombuffer(row[1], dtype=np.float32) for row in rows])
+            index.add(ids, vectors)
+        self._save_index(index, generation)
+        if reason:
+            self._notify(f"index for engine {engine_name} {reason}: rebuilt from the database ({len(rows)} faces)")
+        return index
+
+    def _save_index(self, index: VectorIndex, generation: int) -> None:
+        try:
+            index.save(self.index_path(index.header.engine), generation)
+        except OSError as exc:
+            raise GalleryError(
+                f"could not write the index {self.index_path(index.header.engine)} ({exc.strerror}); the database "
+                "is intact and the index will be rebuilt on next use (free some disk space first)"
+            ) from exc
+
+    def _verify_or_rebuild(self, engine_name: str, engine_version: str, dim: int, *, deep: bool) -> VectorIndex:
+        """Load the index file, compare with the database, rebuild if they disagree (lock held)."""
+        path = self.index_path(engine_name)
+        generation, db_ids = self._db_state(engine_name, engine_version) if deep else (None, None)
+        if generation is None:
+            with self.store.session() as session:
+                generation = self.store.generation(session, engine_name)
+        if not path.exists():
+            return self._rebuild(engine_name, engine_version, dim, "was missing" if generation else None)
+        try:
+            index = VectorIndex.load(path)
+        except IndexCorruptError as exc:
+            return self._rebuild(engine_name, engine_version, dim, f"was unreadable ({exc})")
+        if index.header.engine_version != engine_version or index.dim != dim:
+            return self._rebuild(engine_name, engine_version, dim,
+                                 f"belonged to engine version {index.header.engine_version}")
+        if index.generation != generation:
+            return self._rebuild(engine_name, engine_version, dim,
+                                 f"was out of date (generation {index.generation}, database {generation})")
+        if deep and not np.array_equal(index.ids(), db_ids):
+            return self._rebuild(engine_name, engine_version, dim, "disagreed with the database")
+        return index
+
+    def vectors(self, engine_name: str, engine_version: str, dim: int) -> VectorIndex:
+        """The up-to-date index of an engine (loaded once, reloaded when the database moves on)."""
+        cached = self._indexes.get(engine_name)
+        with self.store.session() as session:
+            generation = self.store.generation(session, engine_name)
+        if cached is not None and cached.generation == generation and cached.header.engine_version == engine_version:
+            return cached
+        # Fast path without the lock: a newer index file written by another process.
+        path = self.index_path(engine_name)
+        if cached is not None and path.exists():
+            with contextlib.suppress(IndexCorruptError):
+                fresh = VectorIndex.load(path)
+                if fresh.generation == generation and fresh.header.engine_version == engine_version:
+                    self._indexes[engine_name] = fresh
+                    return fresh
+        with self.locked():
+            index = self._verify_or_rebuild(engine_name, engine_version, dim, deep=cached is None)
+        self._indexes[engine_name] = index
+        return index
+
+    def check_index(self, engine_name: str, engine_version: str) -> IndexReport:
+        generation, db_ids = self._db_state(engine_name, engine_version)
+        problems: list[str] = []
+        index_faces = index_generation = None
+        path = self.index_path(engine_name)
+        if not path.exists():
+            if len(db_ids):
+                problems.append(f"index file {path} is missing")
+        else:
+            try:
+                index = VectorIndex.load(path)
+            except IndexCorruptError as exc:
+                problems.append(str(exc))
+            else:
+                index_faces, index_generation = len(index), index.generation
+                if index.header.engine_version != engine_version:
+                    problems.append(f"index holds engine version {index.header.engine_version}, "
+                                    f"current is {engine_version}")
+                elif index_generation != generation:
+                    problems.append(f"index generation {index_generation} != database generation {generation}")
+                ids = index.ids()
+                if index.header.engine_version == engine_version and not np.array_equal(ids, db_ids):
+                    missing = np.setdiff1d(db_ids, ids).size
+                    extra = np.setdiff1d(ids, db_ids).size
+                    problems.append(f"index and database differ: {missing} faces missing, {extra} extra")
+        return IndexReport(engine_name, engine_version, int(len(db_ids)), index_faces, generation, index_generation,
+                           tuple(problems))
+
+    def rebuild_index(self, engine_name: str, engine_version: str, dim: int) -> int:
+        with self.locked():
+            index = self._rebuild(engine_name, engine_version, dim, None)
+        self._indexes[engine_name] = index
+        return len(index)
+
+    def engines_in_store(self) -> list[str]:
+        with self.store.session() as session:
+            return sorted(session.scalars(select(FaceRow.engine).distinct()))
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def add_faces(self, engine_name: str, engine_version: str, dim: int,
+                  faces: Sequence[NewFace]) -> list[int | None]:
+        """Enrol faces in one transaction; returns each face's row id, ``None`` for a duplicate.
+
+        A duplicate is the same image (sha256) already enrolled for the same
+        person with the same engine. People are created as needed.
+        """
+        if not faces:
+            return []
+        with self.locked():
+            index = self._verify_or_rebuild(engine_name, engine_version, dim,
+                                            deep=engine_name not in self._indexes)
+            results: list[int | None] = []
+            added_ids: list[int] = []
+            added_vectors: list[np.ndarray] = []
+            with self.store.session() as session:
+                people: dict[str, Person] = {}
+                seen: set[tuple[str, str]] = set()
+                for face in faces:
+                    person = people.get(face.person)
+                    if person is None:
+                        person = session.scalar(select(Person).where(Person.name == face.person))
+                        if person is None:
+                            person = Person(name=face.person, meta={})
+                            session.add(person)
+                            session.flush()
+                        people[face.person] = person
+                    key = (face.person, face.source_sha256)
+                    duplicate = key in seen or session.scalar(
+                        select(func.count()).select_from(FaceRow).where(
+                            FaceRow.person_id == person.id, FaceRow.engine == engine_name,
+                            FaceRow.source_sha256 == face.source_sha256)
+                    )
+                    if duplicate:
+                        results.append(None)
+                        continue
+                    seen.add(key)
+                    vector = np.ascontiguousarray(face.embedding, dtype=np.float32).reshape(-1)
+                    if vector.shape[0] != dim:
+                        raise ValueError(f"embedding has dimension {vector.shape[0]}, engine {engine_name} has {dim}")
+                    row = FaceRow(person_id=person.id, engine=engine_name, engine_version=engine_version, dim=dim,
+                                  embedding=vector.tobytes(), box_x1=face.box[0], box_y1=face.box[1],
+                                  box_x2=face.box[2], box_y2=face.box[3], det_score=float(face.score),
+                                  source_path=str(face.source_path), source_sha256=face.source_sha256)
+                    session.add(row)
+                    session.flush()
+                    results.append(row.id)
+                    added_ids.append(row.id)
+                    added_vectors.append(vector)
+                generation = self.store.bump_generation(session, engine_name) if added_ids else index.generation
+            # Committed. Now the index; a crash from here on is repaired on next open.
+            if added_ids:
+                index.add(np.array(added_ids, dtype=np.int64), np.stack(added_vectors))
+                self._save_index(index, generation)
+            self._indexes[engine_name] = index
+        return results
+
+    def _after_delete(self, face_ids_by_engine: dict[str, list[int]], generations: dict[str, int]) -> None:
+        """Remove deleted faces' vectors from the index files (lock held, database committed)."""
+        for engine_name, face_ids in face_ids_by_engine.items():
+            self._indexes.pop(engine_name, None)
+            path = self.index_path(engine_name)
+            if not path.exists():
+                continue
+            try:
+                index = VectorIndex.load(path)
+            except IndexCorruptError:
+                path.unlink()  # rebuilt on next use
+                continue
+            if index.generation != generations[engine_name] - 1:
+                path.unlink()  # it was stale already: rebuilt on next use
+                continue
+            index.remove(face_ids)
+            self._save_index(index, generations[engine_name])
+
+    def remove_person(self, name: str) -> int:
+        """Delete a person with all their faces and vectors; returns the number of faces removed."""
+        with self.locked():
+            with self.store.session() as session:
+                person = self._person(session, name)
+                by_engine = self._face_ids_by_engine(session, person.id)
+                session.execute(delete(FaceRow).where(FaceRow.person_id == person.id))
+                session.delete(person)
+                generations = {engine: self.store.bump_generation(session, engine) for engine in by_engine}
+            self._after_delete(by_engine, generations)
+        return sum(len(ids) for ids in by_engine.values())
+
+    def rename_person(self, old: str, new: str) -> None:
+        new = validate_person_name(new)
+        with self.locked(), self.store.session() as session:
+            person = self._person(session, old)
+            if session.scalar(select(Person).where(Person.name == new)) is not None:
+                raise PersonExistsError(new)
+            person.name = new
+
+    def merge_people(self, source: str, target: str) -> int:
+        """Move every face of ``source`` to ``target`` and delete ``source``.
+
+        Faces of an image that ``target`` already has (same engine) are
+        dropped as duplicates. Returns the number of faces moved.
+        """
+        if source == target:
+            raise GalleryError("cannot merge a person into themselves")
+        with self.locked():
+            with self.store.session() as session:
+                src = self._person(session, source)
+                dst = self._person(session, target)
+                dst_keys = set(session.execute(select(FaceRow.engine, FaceRow.source_sha256)
+                                               .where(FaceRow.person_id == dst.id)).all())
+                dropped: dict[str, list[int]] = {}
+                moved = 0
+                for face in session.scalars(select(FaceRow).where(FaceRow.person_id == src.id)):
+                    if (face.engine, face.source_sha256) in dst_keys:
+                        dropped.setdefault(face.engine, []).append(face.id)
+                        session.delete(face)
+                    else:
+                        face.person_id = dst.id
+                        moved += 1
+                session.flush()
+                dst.meta = {**(src.meta or {}), **(dst.meta or {})}
+                session.delete(src)
+                engines = set(self._face_ids_by_engine(session, dst.id)) | set(dropped)
+                generations = {engine: self.store.bump_generation(session, engine) for engine in engines}
+            # Vectors of moved faces keep their ids: only dropped duplicates leave the index.
+            self._after_delete({engine: dropped.get(engine, []) for engine in engines}, generations)
+        return moved
+
+    def set_threshold(self, engine_name: str, threshold: float, info: dict) -> None:
+        with self.locked(), self.store.session() as session:
+            state = session.get(GalleryState, engine_name)
+            if state is None:
+                state = GalleryState(engine=engine_name, generation=0, threshold_info={})
+                session.add(state)
+            state.threshold = float(threshold)
+            state.threshold_info = dict(info)
+
+    def threshold(self, engine_name: str) -> tuple[float | None, dict]:
+        with self.store.session() as session:
+            state = session.get(GalleryState, engine_name)
+            if state is None or state.threshold is None:
+                return None, {}
+            return state.threshold, dict(state.threshold_info or {})
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def _person(self, session, name: str) -> Person:
+        person = session.scalar(select(Person).where(Person.name == name))
+        if person is None:
+            raise PersonNotFoundError(name)
+        return person
+
+    @staticmethod
+    def _face_ids_by_engine(session, person_id: int) -> dict[str, list[int]]:
+        by_engine: dict[str, list[int]] = {}
+        for face_id, engine in session.execute(select(FaceRow.id, FaceRow.engine)
+                                               .where(FaceRow.person_id == person_id)):
+            by_engine.setdefault(engine, []).append(face_id)
+        return by_engine
+
+    def person(self, name: str) -> tuple[Person, list[FaceRow]]:
+        with self.store.session() as session:
+            person = self._person(session, name)
+            faces = list(session.scalars(select(FaceRow).where(FaceRow.person_id == person.id)
+                                         .order_by(FaceRow.id)))
+            session.expunge_all()
+            return person, faces
+
+    def people(self):
+        return self.store.people()
+
+    def search(self, engine_name: str, engine_version: str, dim: int, queries: np.ndarray,
+               top_k: int = 5) -> list[list[SearchHit]]:
+        """Best ``top_k`` people per query embedding, best first (one hit per person)."""
+        queries = np.asarray(queries, dtype=np.float32).reshape(-1, dim)
+        if len(queries) == 0:
+            return []
+        index = self.vectors(engine_name, engine_version, dim)
+        fetch = min(max(top_k * 8, 32), max(len(index), 1))
+        sims, ids = index.search(queries, fetch)
+        wanted = {int(i) for i in ids.ravel() if i >= 0}
+        names: dict[int, str] = {}
+        if wanted:
+            with self.store.session() as session:
+                wanted_list = sorted(wanted)
+                for start in range(0, len(wanted_list), 900):  # SQLite's parameter limit
+                    chunk = wanted_list[start:start + 900]
+                    names.update(session.execute(select(FaceRow.id, Person.name).join(Person)
+                                                 .where(FaceRow.id.in_(chunk))).all())
+        results: list[list[SearchHit]] = []
+        for row_sims, row_ids in zip(sims, ids):
+            best: dict[str, SearchHit] = {}
+            for sim, face_id in zip(row_sims, row_ids):
+                name = names.get(int(face_id))
+                if name is None or name in best:
+                    continue  # empty slot, or a face deleted since the index was read
+                best[name] = SearchHit(name, float(sim), int(face_id))
+                if len(best) == top_k:
+                    break
+            results.append(list(best.values()))
+        return results
+
+    # -- backup -----------------------------------------------------------------------------
+
+    def backup(self, destination: Path) -> None:
+        """Online backup of a SQLite database (consistent while others write)."""
+        source = sqlite_path(self.store.url)
+        if source is None:
+            raise GalleryError("backup works on SQLite databases only; use your database's own tools")
+        destination = Path(destination)
+        if destination.exists():
+            raise GalleryError(f"{destination} already exists; choose a new file name")
+        tmp = destination.with_name(destination.name + ".partial")
+        try:
+            with contextlib.closing(sqlite3.connect(source)) as src, contextlib.closing(sqlite3.connect(tmp)) as dst:
+                src.backup(dst)
+            os.replace(tmp, destination)
+        except (sqlite3.Error, OSError) as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise GalleryError(f"backup to {destination} failed: {exc}") from exc
+
+    def restore(self, backup_file: Path) -> None:
+        """Replace the database with a backup (checked first); indexes are rebuilt after."""
+        target = sqlite_path(self.store.url)
+        if target is None:
+            raise GalleryError("restore works on SQLite databases only")
+        backup_file = Path(backup_file)
+        if not backup_file.is_file():
+            raise GalleryError(f"{backup_file}: no such backup file")
+        try:
+            probe = IdentityStore.open(f"sqlite:///{backup_file}", upgrade=False)
+        except StoreError as exc:
+            raise GalleryError(f"{backup_file} is not a usable JointFace database: {exc}") from exc
+        try:
+            problems = probe.integrity_check()
+        finally:
+            probe.close()
+        if problems:
+            raise GalleryError(f"{backup_file} is damaged: {'; '.join(problems)}")
+        with self.locked():
+            self.store.close()
+            safety = target.with_name(target.name + ".before-restore")
+            with contextlib.closing(sqlite3.connect(target)) as current, \
+                    contextlib.closing(sqlite3.connect(safety)) as keep:
+                current.backup(keep)
+            with contextlib.closing(sqlite3.connect(backup_file)) as src, \
+                    contextlib.closing(sqlite3.connect(target)) as dst:
+                src.backup(dst)
+            for index_file in self.home.glob("index-*.jfidx"):
+                index_file.unlink()
+            self._indexes.clear()
+            self.store = IdentityStore.open(self.store.url)
+
+
+def validate_person_name(name: str) -> str:
+    cleaned = name.strip()
+    if not cleaned:
+        raise GalleryError("a person's name cannot be empty")
+    if len(cleaned) > 255:
+        raise GalleryError("a person's name is limited to 255 characters")
+    if any(ord(ch) < 32 for ch in cleaned):
+        raise GalleryError("a person's name cannot contain control characters")
+    return cleaned
+
+
+def iter_chunks(items: Iterable, size: int) -> Iterator[list]:
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

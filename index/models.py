@@ -1,0 +1,87 @@
+"""SQLAlchemy 2 typed models of the identity store.
+
+* ``people``: one row per person (unique name, free JSON metadata).
+* ``faces``: one row per enrolled face: who, which engine (name + version),
+  the L2-normalised float32 embedding as bytes, the box, the detection score,
+  the source image path and its sha256.
+* ``gallery_state``: one row per engine: a generation number bumped in the
+  same transaction as every change to that engine's faces (the vector index
+  file records the generation it mirrors, so a stale index is detected), and
+  the calibrated rejection threshold.
+
+The schema is owned by the Alembic migrations in ``migrations/``; these
+classes must match them (a test compares the two).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import numpy as np
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, LargeBinary, String, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Person(Base):
+    __tablename__ = "people"
+    __table_args__ = (UniqueConstraint("name", name="uq_people_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+    meta: Mapped[dict] = mapped_column(JSON, default=dict, nullable=False)
+
+    faces: Mapped[list["FaceRow"]] = relationship(back_populates="person", cascade="all, delete-orphan",
+                                                  passive_deletes=True)
+
+    def __repr__(self) -> str:
+        return f"Person(id={self.id}, name={self.name!r})"
+
+
+class FaceRow(Base):
+    __tablename__ = "faces"
+    __table_args__ = (UniqueConstraint("person_id", "engine", "source_sha256", name="uq_faces_person_engine_image"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    person_id: Mapped[int] = mapped_column(ForeignKey("people.id", ondelete="CASCADE", name="fk_faces_person_id_people"), index=True, nullable=False)
+    engine: Mapped[str] = mapped_column(String(64), index=True, nullable=False)
+    engine_version: Mapped[str] = mapped_column(String(128), nullable=False)
+    dim: Mapped[int] = mapped_column(Integer, nullable=False)
+    embedding: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    box_x1: Mapped[float] = mapped_column(Float, nullable=False)
+    box_y1: Mapped[float] = mapped_column(Float, nullable=False)
+    box_x2: Mapped[float] = mapped_column(Float, nullable=False)
+    box_y2: Mapped[float] = mapped_column(Float, nullable=False)
+    det_score: Mapped[float] = mapped_column(Float, nullable=False)
+    source_path: Mapped[str] = mapped_column(String(4096), nullable=False)
+    source_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+
+    person: Mapped[Person] = relationship(back_populates="faces")
+
+    @property
+    def vector(self) -> np.ndarray:
+        return np.frombuffer(self.embedding, dtype=np.float32)
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        return (self.box_x1, self.box_y1, self.box_x2, self.box_y2)
+
+
+class GalleryState(Base):
+    __tablename__ = "gallery_state"
+
+    engine: Mapped[str] = mapped_column(String(64), primary_key=True)
+    generation: Mapped[int] = mapped_column(Integer, default=0, nullable=False)
+    threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
+    threshold_info: Mapped[dict] = mapped_column(JSON, default=dict, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow,
+                                                 nullable=False)

@@ -1,0 +1,60 @@
+"""Face engines and their registry.
+
+``get_engine(name)`` returns a shared instance (models are loaded once per
+process). Engines register themselves lazily, so importing this module does
+not load dlib or torch.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from .base import Engine, Face, check_image, l2_normalise
+
+__all__ = ["Engine", "Face", "UnknownEngineError", "available_engines", "check_image", "default_engine_name",
+           "get_engine", "l2_normalise"]
+
+
+class UnknownEngineError(ValueError):
+    pass
+
+
+def _make_dlib(**options) -> Engine:
+    from .dlib_engine import DlibEngine
+
+    return DlibEngine(**options)
+
+
+def _make_joint(**options) -> Engine:
+    from .joint_engine import JointEngine
+
+    return JointEngine(**options)
+
+
+_FACTORIES: dict[str, Callable[..., Engine]] = {"dlib": _make_dlib, "jointface": _make_joint}
+_INSTANCES: dict[tuple, Engine] = {}
+_LOCK = threading.Lock()
+
+
+def available_engines() -> list[str]:
+    return sorted(_FACTORIES)
+
+
+def default_engine_name() -> str:
+    """``jointface`` once shipped weights are present, else ``dlib``."""
+    try:
+        from .joint_engine import default_weights_path
+    except ImportError:
+        return "dlib"
+    return "jointface" if default_weights_path() is not None else "dlib"
+
+
+def get_engine(name: str, **options) -> Engine:
+    if name not in _FACTORIES:
+        raise UnknownEngineError(f"unknown engine {name!r}; choose one of: {', '.join(available_engines())}")
+    key = (name, tuple(sorted(options.items())))
+    with _LOCK:
+        if key not in _INSTANCES:
+            _INSTANCES[key] = _FACTORIES[name](**options)
+        return _INSTANCES[key]

@@ -1,0 +1,313 @@
+"""JointNet: one pass from an image to face boxes, confidences and embeddings.
+
+Architecture::
+
+    image (B, 3, S, S) -> ResNet.forward_features -> (B, C, S/32, S/32)
+      -> neck: 3x3 conv + BN + ReLU -> (B, neck, G, G)
+      -> 1x1 conv -> per anchor 4 box numbers + 1 face logit   (B, G*G*A, 5)
+      -> 1x1 conv -> per anchor a D-dim embedding, L2-normalised (B, G*G*A, D)
+
+The grid: ResNet's native stride 32. At 320 px input that is a 10x10 grid
+(the study added a stride to reach 5x5 at 320 px). We keep 32 because (a) the
+weights of a torchvision checkpoint are used as trained, with no extra layer
+to learn from scratch, (b) mosaic training images and group photos put
+several faces of 60-100 px in one picture, and a 10-px-per-cell grid of
+32 px keeps their centres in different cells, and (c) the grid follows the
+input size, so a 160 px model (5x5 grid, the study's grid, ~5x cheaper on
+CPU) is the same code. Anchor ``a`` of cell ``(row, col)`` is prediction
+``(row * G + col) * A + a``; see :mod:`jointface.net.anchors`.
+
+The identity heads (:class:`LinearClassifier`, :class:`MarginClassifier`,
+:class:`DistillationHead`) are separate modules that take embeddings; they
+are not part of :class:`JointNet`, so inference, enrolment and the shipped
+weights never need them. :class:`ModelRecord` is the metadata that travels
+with the weights (backbone, input size, anchors, embedding size, mean/std,
+class names, training command and data).
+
+``forward`` returns the same :class:`JointOutput` in training and eval mode;
+decoding to boxes is :func:`postprocess`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from .anchors import AnchorGrid
+from .boxes import BoxCoder, logit, nms
+from .resnet import ResNet, build_resnet
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Prior face probability of an anchor at initialisation (RetinaNet's trick:
+#: the ~300 negative anchors per image do not swamp the first steps).
+FACE_PRIOR = 0.01
+
+
+@dataclass
+class ModelRecord:
+    """Everything needed to rebuild and use a JointNet, stored with its weights.
+
+    ``anchor_sizes``: list of ``[w, h]`` in input pixels; ``mean``/``std``: per
+    channel, applied to RGB in ``[0, 1]``. Only plain Python types, so the
+    record survives ``torch.load(weights_only=True)``.
+    """
+
+    backbone: str = "resnet34"
+    input_size: int = 320
+    anchor_sizes: list[list[float]] = field(default_factory=lambda: [[64.0, 80.0], [110.0, 130.0], [170.0, 200.0]])
+    embedding_dim: int = 512
+    neck_channels: int = 256
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    class_names: list[str] = field(default_factory=list)
+    training_command: str = ""
+    training_data: str = ""
+    stride: int = ResNet.stride
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelRecord":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown model record fields: {sorted(unknown)}")
+        return cls(**values)
+
+
+class JointOutput(NamedTuple):
+    """Raw predictions over ``N = G_h * G_w * A`` anchors.
+
+    ``box_raw`` ``(B, N, 4)``: numbers for :meth:`BoxCoder.decode`;
+    ``face_logits`` ``(B, N)``; ``embeddings`` ``(B, N, D)`` L2-normalised;
+    ``grid_size``: ``(G_h, G_w)``.
+    """
+
+    box_raw: torch.Tensor
+    face_logits: torch.Tensor
+    embeddings: torch.Tensor
+    grid_size: tuple[int, int]
+
+
+class JointNet(nn.Module):
+    """Backbone + YOLO head + per-anchor embeddings (see the module docstring)."""
+
+    def __init__(self, record: ModelRecord):
+        super().__init__()
+        self.record = record
+        self.backbone = build_resnet(record.backbone, num_classes=0)
+        num_anchors = len(record.anchor_sizes)
+        self.neck = nn.Sequential(
+            nn.Conv2d(self.backbone.num_features, record.neck_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(record.neck_channels),
+            nn.ReLU(inplace=True),
+        )
+        self.detection = nn.Conv2d(record.neck_channels, num_anchors * 5, 1)
+        self.embedding = nn.Conv2d(record.neck_channels, num_anchors * record.embedding_dim, 1)
+        self.register_buffer("anchor_sizes", torch.tensor(record.anchor_sizes, dtype=torch.float32))
+        nn.init.normal_(self.detection.weight, std=0.01)
+        with torch.no_grad():
+            bias = self.detection.bias.view(num_anchors, 5)
+            bias.zero_()
+            bias[:, 4] = logit(FACE_PRIOR)
+
+    @property
+    def num_anchors(self) -> int:
+        return len(self.record.anchor_sizes)
+
+    @property
+    def anchor_grid(self) -> AnchorGrid:
+        return AnchorGrid(self.anchor_sizes, self.record.stride)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` normalised images -> ``(B, neck, G_h, G_w)``."""
+        return self.neck(self.backbone.forward_features(images))
+
+    def forward_head(self, features: torch.Tensor) -> JointOutput:
+        batch, _, grid_h, grid_w = features.shape
+        anchors, dim = self.num_anchors, self.record.embedding_dim
+        # (B, A*k, G_h, G_w) -> (B, G_h, G_w, A, k) -> (B, G_h*G_w*A, k)
+        detection = self.detection(features).view(batch, anchors, 5, grid_h, grid_w)
+        detection = detection.permute(0, 3, 4, 1, 2).reshape(batch, -1, 5)
+        embedding = self.embedding(features).view(batch, anchors, dim, grid_h, grid_w)
+        embedding = embedding.permute(0, 3, 4, 1, 2).reshape(batch, -1, dim)
+        embedding = F.normalize(embedding.float(), dim=-1)
+        return JointOutput(detection[..., :4], detection[..., 4], embedding, (grid_h, grid_w))
+
+    def forward(self, images: torch.Tensor) -> JointOutput:
+        return self.forward_head(self.forward_features(images))
+
+
+# ----------------------------------------------------------------------------- identity heads
+class LinearClassifier(nn.Module):
+    """Softmax classifier over embeddings: ``(M, D)`` -> ``(M, num_classes)`` logits.
+
+    A linear layer on each embedding is exactly a 1x1 convolution over the
+    embedding map; taking the matched anchors' vectors avoids scoring the
+    hundreds of background anchors.
+    """
+
+    def __init__(self, embedding_dim: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(embedding_dim, num_classes)
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.fc(embeddings)
+
+
+class MarginClassifier(nn.Module):
+    """ArcFace (``cos(theta + m)``) or CosFace (``cos(theta) - m``) logits, scaled by ``s``.
+
+    ``forward(embeddings, labels)`` puts the margin on each row's true class
+    (training); ``labels=None`` gives the plain scaled cosines (prediction).
+    Embeddings must be L2-normalised; the class weights are normalised here.
+    """
+
+    def __init__(self, embedding_dim: int, num_classes: int, kind: str = "arcface",
+                 scale: float = 30.0, margin: float | None = None):
+        super().__init__()
+        if kind not in ("arcface", "cosface"):
+            raise ValueError(f"unknown margin head {kind!r}: use 'arcface' or 'cosface'")
+        self.kind = kind
+        self.scale = scale
+        self.margin = margin if margin is not None else (0.5 if kind == "arcface" else 0.35)
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
+        nn.init.normal_(self.weight, std=0.01)
+
+    def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return F.linear(embeddings, F.normalize(self.weight, dim=1))
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        cosine = self.cosine(embeddings).clamp(-1 + 1e-6, 1 - 1e-6)
+        if labels is None:
+            return self.scale * cosine
+        true_class = F.one_hot(labels, cosine.shape[1]).bool()
+        if self.kind == "cosface":
+            adjusted = cosine - self.margin
+        else:
+            theta = torch.acos(cosine)
+            # past pi - m, cos(theta + m) would rise again; use CosFace-like linear fall-off (insightface)
+            adjusted = torch.where(theta + self.margin < math.pi, torch.cos(theta + self.margin),
+                                   cosine - self.margin * math.sin(self.margin))
+        return self.scale * torch.where(true_class, adjusted, cosine)
+
+
+class DistillationHead(nn.Module):
+    """Regresses the dlib teacher's raw 128-d descriptor from an embedding: ``(M, D)`` -> ``(M, 128)``."""
+
+    def __init__(self, embedding_dim: int, teacher_dim: int = 128, hidden: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(embedding_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, teacher_dim))
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.mlp(embeddings)
+
+
+IDENTITY_HEAD_NAMES = ("classifier", "arcface", "cosface", "triplet", "distill")
+
+
+def build_identity_heads(names: Sequence[str], embedding_dim: int, num_classes: int,
+                         margin_scale: float = 30.0, margin: float | None = None) -> nn.ModuleDict:
+    """The trainable identity heads named in ``names`` (``triplet`` has no parameters)."""
+    unknown = set(names) - set(IDENTITY_HEAD_NAMES)
+    if unknown:
+        raise ValueError(f"unknown identity heads {sorted(unknown)}; choose from {IDENTITY_HEAD_NAMES}")
+    if "arcface" in names and "cosface" in names:
+        raise ValueError("choose one margin head: 'arcface' or 'cosface'")
+    heads = nn.ModuleDict()
+    if "classifier" in names:
+        heads["classifier"] = LinearClassifier(embedding_dim, num_classes)
+    for kind in ("arcface", "cosface"):
+        if kind in names:
+            heads["margin"] = MarginClassifier(embedding_dim, num_classes, kind, margin_scale, margin)
+    if "distill" in names:
+        heads["distill"] = DistillationHead(embedding_dim)
+    return heads
+
+
+def classify(heads: nn.ModuleDict, embeddings: torch.Tensor) -> torch.Tensor | None:
+    """Class scores ``(M, C)`` from the classifier head (else the margin head), or None."""
+    if "classifier" in heads:
+        return heads["classifier"](embeddings)
+    if "margin" in heads:
+        return heads["margin"](embeddings)
+    return None
+
+
+# ----------------------------------------------------------------------------- pre/post-processing
+@dataclass
+class Letterbox:
+    """How an image was placed on the square input: ``input = original * scale + (pad_x, pad_y)``."""
+
+    scale: float
+    pad_x: float
+    pad_y: float
+
+    def to_original(self, boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+        """``(K, 4)`` xyxy in input pixels -> original image pixels, clipped to the image."""
+        boxes = np.asarray(boxes, dtype=np.float64).copy()
+        boxes[:, [0, 2]] = ((boxes[:, [0, 2]] - self.pad_x) / self.scale).clip(0, width)
+        boxes[:, [1, 3]] = ((boxes[:, [1, 3]] - self.pad_y) / self.scale).clip(0, height)
+        return boxes
+
+
+def letterbox(image: np.ndarray, size: int, fill: Sequence[int] = (124, 116, 104)) -> tuple[np.ndarray, Letterbox]:
+    """Resize ``(H, W, 3)`` uint8 so the longer side is ``size``, centred on a ``size x size`` canvas."""
+    height, width = image.shape[:2]
+    scale = size / max(height, width)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
+    canvas = np.empty((size, size, 3), dtype=np.uint8)
+    canvas[:] = np.asarray(fill, dtype=np.uint8)
+    pad_x, pad_y = (size - new_w) // 2, (size - new_h) // 2
+    canvas[pad_y:pad_y + new_h, pad_x:pad_x + new_w] = image
+    return canvas, Letterbox(new_w / width, pad_x, pad_y)
+
+
+def images_to_tensor(images: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Same-size ``(H, W, 3)`` uint8 images -> ``(B, 3, H, W)`` float, normalised."""
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (batch - mean_t) / std_t
+
+
+class Detections(NamedTuple):
+    """Faces kept in one image: ``boxes`` ``(K, 4)`` xyxy input pixels, ``scores`` ``(K,)`` in [0, 1],
+    ``embeddings`` ``(K, D)``, ``anchor_idx`` ``(K,)``; highest score first."""
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    embeddings: torch.Tensor
+    anchor_idx: torch.Tensor
+
+
+def postprocess(output: JointOutput, anchor_grid: AnchorGrid, conf_threshold: float = 0.5,
+                nms_iou: float = 0.4, max_faces: int = 100, pre_nms_top_k: int = 200) -> list[Detections]:
+    """Decode boxes, keep anchors scoring >= ``conf_threshold``, NMS per image, keep their embeddings.
+
+    At most ``pre_nms_top_k`` best anchors per image enter NMS. ``conf_threshold=0``
+    keeps the best anchors whatever their score (validation takes the best face).
+    """
+    anchors = anchor_grid(*output.grid_size, device=output.box_raw.device)
+    boxes = BoxCoder(anchor_grid.stride).decode(output.box_raw.float(), anchors)  # (B, N, 4)
+    scores = output.face_logits.float().sigmoid()  # (B, N)
+    top_k = min(pre_nms_top_k, scores.shape[1])
+    results = []
+    for image in range(scores.shape[0]):
+        candidate_scores, candidate_idx = scores[image].topk(top_k)  # sorted, highest first
+        above = candidate_scores >= conf_threshold
+        candidate_scores, candidate_idx = candidate_scores[above], candidate_idx[above]
+        kept = candidate_idx[nms(boxes[image, candidate_idx], candidate_scores, nms_iou)][:max_faces]
+        results.append(Detections(boxes[image, kept], scores[image, kept], output.embeddings[image, kept].float(), kept))
+    return results

@@ -1,0 +1,216 @@
+"""The operations behind the CLI: enroll and search, as a library.
+
+Both take a :class:`index.Gallery` and an :class:`jointface.engines.Engine`
+and report per image, so one bad file never stops a batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from index import Gallery
+from index.gallery import NewFace, validate_person_name
+
+from .engines import Engine, Face
+from .imageio import ImageLoadError, list_images, load_image
+
+ENROLLED, SKIPPED, FAILED = "enrolled", "skipped", "failed"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class EnrollOutcome:
+    person: str
+    path: Path
+    status: str
+    message: str = ""
+    face_id: int | None = None
+
+
+@dataclass
+class EnrollReport:
+    outcomes: list[EnrollOutcome] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(1 for outcome in self.outcomes if outcome.status == status)
+
+    @property
+    def ok(self) -> bool:
+        return self.count(FAILED) == 0
+
+
+def folder_items(root: Path) -> list[tuple[str, Path]]:
+    """``(person, image)`` pairs of a folder-per-person tree (sorted)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root}: not a folder")
+    items = []
+    for person_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        items.extend((person_dir.name, path) for path in list_images([person_dir]))
+    return items
+
+
+def choose_face(faces: Sequence[Face], largest: bool) -> tuple[Face | None, str]:
+    if not faces:
+        return None, "no face found"
+    if len(faces) > 1 and not largest:
+        return None, f"{len(faces)} faces found; use --largest to enrol the biggest one, or crop the photo"
+    return max(faces, key=lambda face: face.area), ""
+
+
+def enroll(gallery: Gallery, engine: Engine, items: Iterable[tuple[str, Path]], *, largest: bool = False,
+           batch_size: int = 16, on_progress: Callable[[EnrollOutcome], None] | None = None) -> EnrollReport:
+    """Enrol ``(person name, image path)`` pairs; one transaction per batch of images.
+
+    Images are checked in this order: the person's name, the file (missing,
+    unreadable, not an image, too large), the duplicate check (the same file
+    content already enrolled for this person with this engine: skipped
+    without running the detector), then the faces (none, or several without
+    ``largest``).
+    """
+    report = EnrollReport()
+    pending: list[tuple[EnrollOutcome, NewFace]] = []
+
+    def finish(outcome: EnrollOutcome) -> None:
+        report.outcomes.append(outcome)
+        if on_progress:
+            on_progress(outcome)
+
+    def flush() -> None:
+        if not pending:
+            return
+        face_ids = gallery.add_faces(engine.name, engine.version, engine.dim, [new for _, new in pending])
+        for (outcome, _), face_id in zip(pending, face_ids):
+            if face_id is None:
+                outcome.status, outcome.message = SKIPPED, "already enrolled for this person"
+            else:
+                outcome.status, outcome.face_id = ENROLLED, face_id
+            finish(outcome)
+        pending.clear()
+
+    known = _enrolled_hashes(gallery, engine.name)
+    for person, path in items:
+        path = Path(path)
+        outcome = EnrollOutcome(person=person, path=path, status=FAILED)
+        try:
+            person = outcome.person = validate_person_name(person)
+            image = load_image(path)
+            sha = file_sha256(path)
+        except (ImageLoadError, OSError, ValueError) as exc:
+            outcome.message = str(exc)
+            finish(outcome)
+            continue
+        if (person, sha) in known:
+            outcome.status, outcome.message = SKIPPED, "already enrolled for this person"
+            finish(outcome)
+            continue
+        face, problem = choose_face(engine.detect(image), largest)
+        if face is None:
+            outcome.message = problem
+            finish(outcome)
+            continue
+        known.add((person, sha))
+        pending.append((outcome, NewFace(person=person, embedding=face.embedding, box=face.box, score=face.score,
+                                         source_path=str(path.resolve()), source_sha256=sha)))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    return report
+
+
+def _enrolled_hashes(gallery: Gallery, engine_name: str) -> set[tuple[str, str]]:
+    from sqlalchemy import select
+
+    from index.models import FaceRow, Person
+
+    with gallery.store.session() as session:
+        return set(session.execute(select(Person.name, FaceRow.source_sha256).join(FaceRow)
+                                   .where(FaceRow.engine == engine_name)).all())
+
+
+@dataclass
+class FaceResult:
+    box: tuple[float, float, float, float]
+    score: float
+    identity: str | None
+    similarity: float | None
+    candidates: list[tuple[str, float]]
+
+    def to_json(self) -> dict:
+        return {
+            "box": [round(float(v), 1) for v in self.box],
+            "score": round(float(self.score), 4),
+            "identity": self.identity,
+            "similarity": None if self.similarity is None else round(self.similarity, 4),
+            "candidates": [{"name": name, "similarity": round(sim, 4)} for name, sim in self.candidates],
+        }
+
+
+@dataclass
+class ImageResult:
+    image: Path
+    faces: list[FaceResult]
+    error: str | None = None
+    size: tuple[int, int] | None = None  # (width, height)
+
+    def to_json(self) -> dict:
+        return {"image": str(self.image), "faces": [face.to_json() for face in self.faces], "error": self.error}
+
+
+@dataclass(frozen=True)
+class Threshold:
+    value: float
+    source: str  # "option", "calibrated", "engine default"
+
+
+def resolve_threshold(gallery: Gallery, engine: Engine, explicit: float | None) -> Threshold:
+    if explicit is not None:
+        return Threshold(float(explicit), "option")
+    calibrated, info = gallery.threshold(engine.name)
+    if calibrated is not None and info.get("engine_version") in (None, engine.version):
+        return Threshold(calibrated, "calibrated")
+    return Threshold(engine.default_threshold, "engine default")
+
+
+def identify(gallery: Gallery, engine: Engine, faces: Sequence[Face], *, top_k: int,
+             threshold: float) -> list[FaceResult]:
+    if not faces:
+        return []
+    queries = np.stack([face.embedding for face in faces])
+    hits = gallery.search(engine.name, engine.version, engine.dim, queries, top_k=top_k)
+    results = []
+    for face, face_hits in zip(faces, hits):
+        best = face_hits[0] if face_hits else None
+        identity = best.name if best is not None and best.similarity >= threshold else None
+        results.append(FaceResult(box=face.box, score=face.score, identity=identity,
+                                  similarity=best.similarity if best else None,
+                                  candidates=[(hit.name, hit.similarity) for hit in face_hits]))
+    return results
+
+
+def search(gallery: Gallery, engine: Engine, paths: Iterable[Path], *, top_k: int = 3,
+           threshold: float) -> Iterator[tuple[ImageResult, np.ndarray | None]]:
+    """Every face of every image, identified; yields ``(result, image array or None)``."""
+    for path in paths:
+        path = Path(path)
+        try:
+            image = load_image(path)
+        except ImageLoadError as exc:
+            yield ImageResult(image=path, faces=[], error=str(exc)), None
+            continue
+        faces = engine.detect(image)
+        result = ImageResult(image=path, faces=identify(gallery, engine, faces, top_k=top_k, threshold=threshold),
+                             size=(image.shape[1], image.shape[0]))
+        yield result, image

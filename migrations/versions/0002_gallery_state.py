@@ -1,0 +1,35 @@
+"""gallery state: index generation and calibrated threshold per engine
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2026-11-24
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "gallery_state",
+        sa.Column("engine", sa.String(64), primary_key=True),
+        sa.Column("generation", sa.Integer(), nullable=False),
+        sa.Column("threshold", sa.Float(), nullable=True),
+        sa.Column("threshold_info", sa.JSON(), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    )
+    # A database of revision 0001 may already hold faces: give each engine a
+    # state row so its index is rebuilt and checked on next open.
+    op.execute(
+        "INSERT INTO gallery_state (engine, generation, threshold, threshold_info, updated_at) "
+        "SELECT DISTINCT engine, 1, NULL, '{}', CURRENT_TIMESTAMP FROM faces"
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("gallery_state")
