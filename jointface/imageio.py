@@ -14,6 +14,7 @@ Every image that enters JointFace goes through :func:`load_image`, which
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -67,6 +68,24 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+_OPEN_LOCK = threading.Lock()
+
+
+def _open_header(path: Path) -> Image.Image:
+    """``Image.open`` (which reads only the header) without Pillow's own bomb check.
+
+    Pillow would refuse huge headers with a message that does not give the
+    size; :func:`load_image` checks the size itself, before decoding.
+    """
+    with _OPEN_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
 def load_image(path: str | os.PathLike, *, max_size: int | None = None) -> np.ndarray:
     """Read an image file as an ``(H, W, 3)`` uint8 RGB array, upright.
 
@@ -89,7 +108,7 @@ def load_image(path: str | os.PathLike, *, max_size: int | None = None) -> np.nd
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with _open_header(path) as image:
                 width, height = image.size
                 if width <= 0 or height <= 0:
                     raise ImageLoadError(f"{path}: image has no pixels ({width}x{height})")

@@ -1,0 +1,149 @@
+"""The ``jointface`` engine: one JointNet pass gives every face's box and embedding.
+
+Pipeline for an RGB uint8 ``(H, W, 3)`` image:
+
+1. letterbox: the longer side is scaled to the model's input size (or the
+   ``input_size`` given here; the network is fully convolutional, so a larger
+   input finds smaller faces in big group photos) and centred on a square of
+   the training pad colour — faces keep their aspect ratio, as in training;
+2. one forward pass (``torch.inference_mode``, optional bf16 autocast);
+3. decode boxes, keep anchors with face probability >= ``conf_threshold``,
+   NMS (IoU > ``nms_iou`` suppressed), keep each surviving anchor's
+   embedding (already L2-normalised by the network);
+4. map boxes back to input-image pixels (undo the letterbox), clip.
+
+Weights files are read with ``torch.load(weights_only=True)``: a file that
+holds pickled code, or is not a JointFace weights file (see
+:func:`jointface.train.loop.export_weights`), raises :class:`WeightsError`.
+``engine_version`` is the first 12 hex digits of the file's SHA-256, so
+galleries never mix embeddings of different weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .base import Engine, Face, check_image
+
+WEIGHTS_FORMAT = "jointface-weights"
+WEIGHTS_ENV = "JOINTFACE_WEIGHTS"
+
+
+class WeightsError(ValueError):
+    """A weights file is missing, not JointFace's, or unsafe to load."""
+
+
+def default_weights_path() -> Path | None:
+    """``$JOINTFACE_WEIGHTS`` if set, else ``jointface/weights/jointface.pt`` when shipped, else None."""
+    override = os.environ.get(WEIGHTS_ENV)
+    if override:
+        return Path(override)
+    shipped = Path(__file__).resolve().parent.parent / "weights" / "jointface.pt"
+    return shipped if shipped.is_file() else None
+
+
+def load_weights(path: str | os.PathLike) -> tuple[dict, str]:
+    """Read and check a weights file; returns ``(payload, short sha256)``."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file")
+    data = path.read_bytes()
+    version = hashlib.sha256(data).hexdigest()[:12]
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(f"{path}: refused: the file holds pickled Python objects or code, not just tensors "
+                           f"(only files written by `export_weights` are accepted)") from exc
+    except Exception as exc:  # zip/torch format errors: not a torch file at all
+        raise WeightsError(f"{path}: not a readable torch weights file ({exc.__class__.__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != WEIGHTS_FORMAT:
+        raise WeightsError(f"{path}: not a JointFace weights file (no '{WEIGHTS_FORMAT}' format marker)")
+    for key in ("record", "state_dict"):
+        if key not in payload:
+            raise WeightsError(f"{path}: JointFace weights file without its {key!r} entry")
+    return payload, version
+
+
+class JointEngine(Engine):
+    """JointNet face detection + embedding (see the module docstring)."""
+
+    name = "jointface"
+    default_threshold = 0.5
+
+    def __init__(self, weights: str | os.PathLike | None = None, device: str = "cpu", bf16: bool = False,
+                 conf_threshold: float = 0.5, nms_iou: float = 0.4, input_size: int | None = None,
+                 max_faces: int = 100):
+        import torch
+
+        from jointface.net.model import JointNet, ModelRecord
+
+        path = Path(weights) if weights is not None else default_weights_path()
+        if path is None:
+            raise WeightsError("no JointFace weights: train and export some, or set JOINTFACE_WEIGHTS")
+        payload, self._version = load_weights(path)
+        try:
+            self.record = ModelRecord.from_dict(payload["record"])
+            model = JointNet(self.record)
+            model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                   for k, v in payload["state_dict"].items()})
+        except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+            raise WeightsError(f"{path}: weights do not fit the network they describe ({exc})") from exc
+        self.weights_path = path
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.bf16 = bool(bf16)
+        self.conf_threshold = float(conf_threshold)
+        self.nms_iou = float(nms_iou)
+        self.input_size = int(input_size or self.record.input_size)
+        self.max_faces = int(max_faces)
+        self.dim = self.record.embedding_dim
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.record.class_names)
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        return self.detect_batch([image])[0]
+
+    def detect_batch(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
+        import torch
+
+        from jointface.net.model import images_to_tensor, letterbox, postprocess
+
+        if len(images) == 0:
+            return []
+        images = [check_image(image) for image in images]
+        placed = [letterbox(image, self.input_size) for image in images]
+        batch = images_to_tensor([canvas for canvas, _ in placed], self.record.mean, self.record.std).to(self.device)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            output = self.model(batch)
+        detections = postprocess(output, self.model.anchor_grid, self.conf_threshold, self.nms_iou, self.max_faces)
+        results = []
+        for image, (_, placement), found in zip(images, placed, detections):
+            height, width = image.shape[:2]
+            boxes = placement.to_original(found.boxes.float().cpu().numpy(), width, height)
+            embeddings = found.embeddings.float().cpu().numpy().astype(np.float32)
+            scores = found.scores.float().cpu().numpy()
+            results.append([
+                Face(box=tuple(float(v) for v in box), score=float(score), embedding=embedding,
+                     engine=self.name, engine_version=self._version)
+                for box, score, embedding in zip(boxes, scores, embeddings)
+                if box[2] > box[0] and box[3] > box[1]
+            ])
+        return results
+
+    def describe(self) -> dict:
+        return {**super().describe(), "backbone": self.record.backbone, "input_size": self.input_size,
+                "conf_threshold": self.conf_threshold, "nms_iou": self.nms_iou, "weights": str(self.weights_path)}
