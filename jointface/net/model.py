@@ -187,16 +187,18 @@ class MarginClassifier(nn.Module):
         return F.linear(embeddings, F.normalize(self.weight, dim=1))
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        cosine = self.cosine(embeddings).clamp(-1 + 1e-6, 1 - 1e-6)
+        cosine = self.cosine(embeddings).clamp(-1.0, 1.0)
         if labels is None:
             return self.scale * cosine
         true_class = F.one_hot(labels, cosine.shape[1]).bool()
         if self.kind == "cosface":
             adjusted = cosine - self.margin
         else:
-            theta = torch.acos(cosine)
-            # past pi - m, cos(theta + m) would rise again; use CosFace-like linear fall-off (insightface)
-            adjusted = torch.where(theta + self.margin < math.pi, torch.cos(theta + self.margin),
+            # cos(theta + m) = cos cos m - sin sin m, without acos (whose gradient blows up at cos = 1)
+            sine = torch.sqrt((1.0 - cosine * cosine).clamp(min=1e-12))
+            with_margin = cosine * math.cos(self.margin) - sine * math.sin(self.margin)
+            # past theta = pi - m, cos(theta + m) would rise again: fall off linearly instead (insightface)
+            adjusted = torch.where(cosine > math.cos(math.pi - self.margin), with_margin,
                                    cosine - self.margin * math.sin(self.margin))
         return self.scale * torch.where(true_class, adjusted, cosine)
 

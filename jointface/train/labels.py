@@ -143,18 +143,23 @@ def _caltech_boxes(mat_path: Path, names: list[str]) -> dict[str, tuple[float, f
     return boxes
 
 
+UNLABELLED_NAMES = frozenset({"", "unlabeled", "unlabelled", "unknown"})
+
+
 def read_caltech(root: Path) -> list[SourceImage]:
     """Caltech Faces 1999: ``image_NNNN.jpg`` + ``identities.csv`` (file,identity) [+ ``ImageData.mat``].
 
     The original set has no identity list; a ``file,identity`` CSV is required.
-    Images missing from it are returned with ``identity=None`` (``unlabelled``).
+    Images missing from it, or listed as ``UNLABELED``, are returned with
+    ``identity=None`` (status ``unlabelled``, never trained on).
     """
     names = sorted(p.name for p in _images_in(root))
     csv_path = root / "identities.csv"
     if not csv_path.exists():
         raise FileNotFoundError(f"{csv_path}: the Caltech layout needs a file,identity CSV naming each photo's person")
     with csv_path.open(newline="") as handle:
-        identities = {row["file"]: row["identity"] for row in csv.DictReader(handle)}
+        identities = {row["file"]: row["identity"] for row in csv.DictReader(handle)
+                      if row["identity"].strip().lower() not in UNLABELLED_NAMES}
     mat_path = root / "ImageData.mat"
     boxes = _caltech_boxes(mat_path, names) if mat_path.exists() else {}
     return [SourceImage(root / name, identities.get(name), boxes.get(name)) for name in names]

@@ -1,0 +1,133 @@
+"""Every CLI command end to end, in a subprocess, with its exit status."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+from typer.testing import CliRunner
+
+from cli.app import app
+
+
+def test_full_session(run_cli, knn_dir, tmp_path):
+    home = tmp_path / "home"
+    train = knn_dir / "train"
+
+    result = run_cli("--engine", "dlib", "enroll", "--from-folders", train, home=home)
+    assert result.returncode == 0, result.stderr
+    assert "9 faces enrolled for 5 people" in result.stderr
+
+    again = run_cli("--engine", "dlib", "enroll", "obama", train / "obama", home=home)
+    assert again.returncode == 0 and "2 skipped" in again.stderr
+
+    result = run_cli("--engine", "dlib", "search", knn_dir / "test" / "obama_and_biden.jpg", "--json",
+                     "--annotate", tmp_path / "annotated", home=home)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout.strip())
+    assert answer["error"] is None
+    assert {"obama", "biden"} <= {face["identity"] for face in answer["faces"]}
+    face = answer["faces"][0]
+    assert set(face) == {"box", "score", "identity", "similarity", "candidates"} and len(face["box"]) == 4
+    assert "threshold" in result.stderr
+    assert (tmp_path / "annotated" / "obama_and_biden.jpg").stat().st_size > 10_000
+
+    result = run_cli("--engine", "dlib", "search", knn_dir / "test", home=home)
+    assert result.returncode == 0 and result.stdout.count("kit_harington") >= 2
+
+    listing = run_cli("people", "list", "--json", home=home)
+    assert listing.returncode == 0
+    people = {json.loads(line)["name"]: json.loads(line)["faces"] for line in listing.stdout.splitlines()}
+    assert people["obama"] == {"dlib": 2} and len(people) == 5
+    assert run_cli("people", "list", home=home).returncode == 0
+
+    show = run_cli("people", "show", "obama", "--json", home=home)
+    assert show.returncode == 0 and len(json.loads(show.stdout)["faces"]) == 2
+
+    assert run_cli("people", "rename", "alex_lacamoire", "alex", home=home).returncode == 0
+    assert run_cli("people", "merge", "rose_leslie", "alex", home=home).returncode == 0
+    assert run_cli("people", "remove", "biden", home=home).returncode == 0
+    listing = run_cli("people", "list", "--json", home=home)
+    names = {json.loads(line)["name"]: json.loads(line)["faces"] for line in listing.stdout.splitlines()}
+    assert names == {"alex": {"dlib": 3}, "kit_harington": {"dlib": 2}, "obama": {"dlib": 2}}
+
+    check = run_cli("--engine", "dlib", "index", "check", home=home)
+    assert check.returncode == 0 and "ok" in check.stdout
+    (home / "index-dlib.jfidx").write_bytes(b"garbage")
+    check = run_cli("--engine", "dlib", "index", "check", home=home)
+    assert check.returncode == 1 and "rebuild" in check.stderr
+    rebuild = run_cli("--engine", "dlib", "index", "rebuild", home=home)
+    assert rebuild.returncode == 0 and "7 faces" in rebuild.stdout
+    assert run_cli("--engine", "dlib", "index", "check", home=home).returncode == 0
+
+    upgrade = run_cli("db", "upgrade", home=home)
+    assert upgrade.returncode == 0 and "0002" in upgrade.stdout
+    backup = tmp_path / "backup.db"
+    assert run_cli("db", "backup", backup, home=home).returncode == 0
+    assert run_cli("people", "remove", "obama", home=home).returncode == 0
+    assert run_cli("db", "restore", backup, home=home).returncode == 0
+    listing = run_cli("people", "list", "--json", home=home)
+    assert "obama" in listing.stdout
+    result = run_cli("--engine", "dlib", "search", knn_dir / "test" / "obama1.jpg", "--json", home=home)
+    assert json.loads(result.stdout)["faces"][0]["identity"] == "obama"
+
+
+def test_failures_and_exit_codes(run_cli, knn_home_copy, knn_dir, tmp_path):
+    home = knn_home_copy
+    (tmp_path / "bad.jpg").write_text("not a photo")
+    result = run_cli("--engine", "dlib", "search", knn_dir / "test" / "obama1.jpg", tmp_path / "bad.jpg",
+                     tmp_path / "missing.jpg", "--json", home=home)
+    assert result.returncode == 1
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["error"] is None for line in lines] == [True, False, False]
+    assert "not an image" in lines[1]["error"] and "no such file" in lines[2]["error"]
+
+    result = run_cli("--engine", "dlib", "enroll", "newbie", knn_dir / "test" / "kit_with_rose.jpg",
+                     tmp_path / "bad.jpg", home=home)
+    assert result.returncode == 1
+    assert "2 faces found; use --largest" in result.stderr and "not an image" in result.stderr
+    result = run_cli("--engine", "dlib", "enroll", "newbie", "--largest", knn_dir / "test" / "kit_with_rose.jpg",
+                     home=home)
+    assert result.returncode == 0
+
+    for args in (["people", "show", "nobody"], ["people", "remove", "nobody"], ["people", "rename", "nobody", "x"],
+                 ["people", "merge", "nobody", "obama"], ["people", "rename", "obama", "biden"]):
+        result = run_cli(*args, home=home)
+        assert result.returncode == 1, args
+        assert result.stderr.startswith("error: "), (args, result.stderr)
+
+    assert run_cli("enroll", home=home).returncode == 2  # usage
+    assert run_cli("search", home=home).returncode == 2
+    assert run_cli("--engine", "nope", "search", knn_dir / "test", home=home).returncode == 1
+    assert run_cli("frobnicate", home=home).returncode == 2
+
+
+def test_broken_database_is_reported_not_overwritten(run_cli, tmp_path, knn_dir):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "jointface.db").write_bytes(b"garbage" * 1000)
+    result = run_cli("people", "list", home=home)
+    assert result.returncode == 1 and "cannot open database" in result.stderr
+    assert (home / "jointface.db").read_bytes() == b"garbage" * 1000
+
+
+def test_old_database_upgraded_by_command(run_cli, tmp_path):
+    from index.store import IdentityStore
+
+    home = tmp_path / "home"
+    home.mkdir()
+    store = IdentityStore(f"sqlite:///{home / 'jointface.db'}")
+    store.upgrade("0001")
+    store.close()
+    result = run_cli("db", "upgrade", home=home)
+    assert result.returncode == 0
+    with sqlite3.connect(home / "jointface.db") as raw:
+        assert raw.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0002"
+
+
+def test_in_process_runner(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["--home", str(tmp_path / "h"), "people", "list"])
+    assert result.exit_code == 0 and "empty" in result.output
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and "jointface" in result.output
