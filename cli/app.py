@@ -380,6 +380,100 @@ def db_restore(ctx: typer.Context, path: Path,
     err.print(f"restored from {path}; indexes will be rebuilt on next use", markup=False)
 
 
+# -- calibrate and bench ------------------------------------------------------------------------
+
+
+@app.command()
+@handle_errors
+def calibrate(
+    ctx: typer.Context,
+    fpir: float = typer.Option(0.01, "--fpir", help="False-positive identification rate wanted: the share of "
+                                                     "strangers who may be matched to someone."),
+    unknowns: list[Path] = typer.Option(..., "--unknowns", help="Photos (or folders) of people who are NOT in "
+                                                                 "the gallery; repeat the option for several."),
+) -> None:
+    """Set the gallery's rejection threshold from photos of strangers; `search` then uses it."""
+    from jointface.imageio import list_images
+    from jointface.service import calibrate as run_calibration
+
+    if not 0 < fpir < 1:
+        raise typer.BadParameter("--fpir must be between 0 and 1")
+    paths = list_images(unknowns)
+    if not paths:
+        raise CliError("no images found among --unknowns")
+    engine = load_engine(ctx)
+    with open_gallery(ctx) as gallery, progress_bar("calibrating") as progress:
+        task = progress.add_task("calibrating", total=len(paths), current="")
+        try:
+            result = run_calibration(gallery, engine, paths, fpir=fpir,
+                                     on_progress=lambda p: progress.update(task, advance=1, current=p.name))
+        except ValueError as exc:
+            raise CliError(str(exc)) from exc
+    for message in result.failed_images:
+        err.print(f"failed: {message}", markup=False)
+    out.print(f"engine {engine.name}: threshold {result.threshold:.4f} stored (FPIR {result.reached_fpir:.4f} on "
+              f"{result.faces} stranger faces from {result.images} images; asked for {fpir})", markup=False)
+    if result.faces < 1 / fpir:
+        err.print(f"warning: {result.faces} stranger faces are too few to measure an FPIR of {fpir} reliably "
+                  f"(use at least {int(10 / fpir)})", markup=False)
+
+
+PROTOCOLS = ("p1", "p2", "p3", "p4", "p5", "all")
+
+
+@app.command()
+@handle_errors
+def bench(
+    ctx: typer.Context,
+    protocol: str = typer.Argument(..., help="p1, p2, p3, p4, p5 or all (see ../shared/PROTOCOLS.md)."),
+    engines: Optional[list[str]] = typer.Option(None, "--engine", "-e", help="Engines to compare (repeat); "
+                                                                             "default: every available one."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Run on an evenly spread subset (quick "
+                                                                     "checks); figures are then not the "
+                                                                     "protocol's."),
+    out_dir: Path = typer.Option(Path("benchmarks/results"), "--out", help="Where results are written."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache", help="Detection cache (default: "
+                                                                   "~/.cache/jointface/bench)."),
+    tag: Optional[str] = typer.Option(None, "--tag", help="Suffix for the result file names."),
+) -> None:
+    """Run the benchmark protocols and write JSON, Markdown and plots."""
+    from jointface.bench import run as bench_run
+    from jointface.bench.protocols import require_shared_data
+    from jointface.engines import get_engine
+
+    protocol = protocol.lower()
+    if protocol not in PROTOCOLS:
+        raise typer.BadParameter(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    settings(ctx).apply_threads()
+    names = engines or _benchmark_engines()
+    chosen = [get_engine(name) for name in names]
+    cache = cache_dir or Path.home() / ".cache" / "jointface" / "bench"
+    with progress_bar("bench") as progress:
+        tasks: dict[str, int] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total, current="")
+            progress.update(tasks[stage], completed=done)
+            if not err.is_terminal and (done == total or done % 500 == 0):
+                err.print(f"{stage}: {done}/{total}", markup=False)
+
+        ctx_ = bench_run.BenchContext(lfw_root=require_shared_data("lfw"), cache_dir=cache, progress=report,
+                                      limit=limit)
+        wanted = ["p1", "p2", "p3", "p4", "p5"] if protocol == "all" else [protocol]
+        for name in wanted:
+            result = bench_run.run_protocol(name, chosen, ctx_, out_dir)
+            path = bench_run.write_results(result, chosen, out_dir, tag=tag)
+            out.print(bench_run.markdown_for(result), markup=False)
+            err.print(f"written: {path}", markup=False)
+
+
+def _benchmark_engines() -> list[str]:
+    from jointface.engines import default_engine_name
+
+    return ["dlib", "jointface"] if default_engine_name() == "jointface" else ["dlib"]
+
+
 def main() -> None:
     app()
 

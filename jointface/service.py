@@ -62,24 +62,38 @@ def folder_items(root: Path) -> list[tuple[str, Path]]:
     return items
 
 
-def choose_face(faces: Sequence[Face], largest: bool) -> tuple[Face | None, str]:
+Loader = Callable[[Path], np.ndarray]
+
+#: How enrolment picks the face of a photo: ``single`` refuses photos with
+#: several faces, ``largest`` takes the biggest, ``best`` the most confident.
+CHOICES = ("single", "largest", "best")
+
+
+def choose_face(faces: Sequence[Face], choice: str = "single") -> tuple[Face | None, str]:
+    if choice not in CHOICES:
+        raise ValueError(f"unknown face choice {choice!r}; use one of {CHOICES}")
     if not faces:
         return None, "no face found"
-    if len(faces) > 1 and not largest:
+    if len(faces) > 1 and choice == "single":
         return None, f"{len(faces)} faces found; use --largest to enrol the biggest one, or crop the photo"
+    if choice == "best":
+        return max(faces, key=lambda face: face.score), ""
     return max(faces, key=lambda face: face.area), ""
 
 
 def enroll(gallery: Gallery, engine: Engine, items: Iterable[tuple[str, Path]], *, largest: bool = False,
-           batch_size: int = 16, on_progress: Callable[[EnrollOutcome], None] | None = None) -> EnrollReport:
+           choice: str | None = None, batch_size: int = 16, loader: Loader = load_image,
+           on_progress: Callable[[EnrollOutcome], None] | None = None) -> EnrollReport:
     """Enrol ``(person name, image path)`` pairs; one transaction per batch of images.
 
     Images are checked in this order: the person's name, the file (missing,
     unreadable, not an image, too large), the duplicate check (the same file
     content already enrolled for this person with this engine: skipped
     without running the detector), then the faces (none, or several without
-    ``largest``).
+    ``largest``). ``choice`` (see :data:`CHOICES`) overrides ``largest``;
+    ``loader`` turns a path into pixels (benchmarks resize there).
     """
+    choice = choice or ("largest" if largest else "single")
     report = EnrollReport()
     pending: list[tuple[EnrollOutcome, NewFace]] = []
 
@@ -106,7 +120,7 @@ def enroll(gallery: Gallery, engine: Engine, items: Iterable[tuple[str, Path]], 
         outcome = EnrollOutcome(person=person, path=path, status=FAILED)
         try:
             person = outcome.person = validate_person_name(person)
-            image = load_image(path)
+            image = loader(path)
             sha = file_sha256(path)
         except (ImageLoadError, OSError, ValueError) as exc:
             outcome.message = str(exc)
@@ -116,7 +130,7 @@ def enroll(gallery: Gallery, engine: Engine, items: Iterable[tuple[str, Path]], 
             outcome.status, outcome.message = SKIPPED, "already enrolled for this person"
             finish(outcome)
             continue
-        face, problem = choose_face(engine.detect(image), largest)
+        face, problem = choose_face(engine.detect(image), choice)
         if face is None:
             outcome.message = problem
             finish(outcome)
@@ -201,12 +215,15 @@ def identify(gallery: Gallery, engine: Engine, faces: Sequence[Face], *, top_k: 
 
 
 def search(gallery: Gallery, engine: Engine, paths: Iterable[Path], *, top_k: int = 3,
-           threshold: float) -> Iterator[tuple[ImageResult, np.ndarray | None]]:
-    """Every face of every image, identified; yields ``(result, image array or None)``."""
+           threshold: float, loader: Loader = load_image) -> Iterator[tuple[ImageResult, np.ndarray | None]]:
+    """Every face of every image, identified; yields ``(result, image array or None)``.
+
+    Faces come highest detection score first.
+    """
     for path in paths:
         path = Path(path)
         try:
-            image = load_image(path)
+            image = loader(path)
         except ImageLoadError as exc:
             yield ImageResult(image=path, faces=[], error=str(exc)), None
             continue
@@ -214,3 +231,54 @@ def search(gallery: Gallery, engine: Engine, paths: Iterable[Path], *, top_k: in
         result = ImageResult(image=path, faces=identify(gallery, engine, faces, top_k=top_k, threshold=threshold),
                              size=(image.shape[1], image.shape[0]))
         yield result, image
+
+
+@dataclass
+class Calibration:
+    threshold: float
+    target_fpir: float
+    reached_fpir: float
+    faces: int
+    images: int
+    failed_images: list[str]
+
+
+def calibrate(gallery: Gallery, engine: Engine, paths: Sequence[Path], *, fpir: float, loader: Loader = load_image,
+              on_progress: Callable[[Path], None] | None = None, store: bool = True) -> Calibration:
+    """Set the rejection threshold so that strangers are accepted at rate ``fpir``.
+
+    ``paths`` are photos of people who are NOT in the gallery; every face in
+    them is a non-mated probe. The threshold is the smallest similarity at
+    which the share of those faces whose best gallery match reaches it is at
+    most ``fpir`` (see :func:`jointface.bench.metrics.threshold_for_fpir`).
+    """
+    from datetime import datetime, timezone
+
+    from jointface.bench.metrics import fpir_at_threshold, threshold_for_fpir
+
+    if not 0 < fpir < 1:
+        raise ValueError(f"--fpir must be between 0 and 1, got {fpir}")
+    if not gallery.people():
+        raise ValueError("the gallery is empty: enrol people before calibrating")
+    best: list[float] = []
+    failed: list[str] = []
+    for path in paths:
+        try:
+            image = loader(Path(path))
+        except ImageLoadError as exc:
+            failed.append(str(exc))
+        else:
+            results = identify(gallery, engine, engine.detect(image), top_k=1, threshold=np.inf)
+            best.extend(result.similarity for result in results if result.similarity is not None)
+        if on_progress:
+            on_progress(Path(path))
+    if not best:
+        raise ValueError("no faces found in the unknown photos: nothing to calibrate on")
+    scores = np.array(best, dtype=np.float64)
+    threshold = float(threshold_for_fpir(scores, fpir))
+    reached = float(fpir_at_threshold(scores, threshold))
+    if store:
+        gallery.set_threshold(engine.name, threshold, {
+            "target_fpir": fpir, "reached_fpir": reached, "faces": len(best), "images": len(paths) - len(failed),
+            "engine_version": engine.version, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    return Calibration(threshold, fpir, reached, len(best), len(paths) - len(failed), failed)

@@ -10,6 +10,16 @@ from jointface.net.boxes import BoxCoder, batched_nms, box_iou, nms, wh_iou
 from jointface.net.matching import FaceTargets, match_faces
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine
+    thread contention makes them 10-30x slower; restore the setting afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_box_iou_hand_computed():
     a = torch.tensor([[0.0, 0, 10, 10]])
     b = torch.tensor([[5.0, 5, 15, 15], [0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 10, 5]])
@@ -68,7 +78,8 @@ def test_match_faces_hand_computed():
     # centre (25, 27.5) -> cell (0, 0); shape 30x35 fits 40x40 best (IoU 0.656 vs 0.381) -> anchor 1
     assert targets.matched_image_idx.tolist() == [1]
     assert targets.matched_anchor_idx.tolist() == [1]
-    assert torch.allclose(targets.box_targets, torch.tensor([[0.78125, 0.859375, math.log(30 / 40), math.log(35 / 40)]]))
+    expected = torch.tensor([[0.78125, 0.859375, math.log(30 / 40), math.log(35 / 40)]])
+    assert torch.allclose(targets.box_targets, expected)
     assert targets.objectness.sum() == 1 and targets.objectness[1, 1] == 1
     assert targets.identities.tolist() == [3]
     assert targets.confidence_weight[0].eq(1).all()  # the empty image ignores nothing

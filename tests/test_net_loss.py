@@ -10,6 +10,17 @@ from jointface.net.loss import NonFiniteLossError, check_finite, joint_losses, t
 from jointface.net.matching import FaceTargets, MatchedTargets, match_faces
 from jointface.net.model import JointNet, JointOutput, MarginClassifier, ModelRecord, build_identity_heads
 
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine
+    thread contention makes them 10-30x slower; restore the setting afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 ALL_HEADS = ["classifier", "arcface", "triplet", "distill"]
 
 
@@ -39,7 +50,8 @@ def test_faces_without_identity_or_teacher_are_finite():
     model = tiny_net()
     heads = build_identity_heads(ALL_HEADS, 16, num_classes=3)
     output = model(torch.randn(1, 3, 64, 64))
-    unknown = FaceTargets(torch.tensor([[5.0, 5, 40, 40]]), torch.tensor([-1]), torch.zeros(1, 128), torch.tensor([False]))
+    unknown = FaceTargets(torch.tensor([[5.0, 5, 40, 40]]), torch.tensor([-1]), torch.zeros(1, 128),
+                          torch.tensor([False]))
     losses = joint_losses(output, match_faces([unknown], model.anchor_grid, *output.grid_size), heads, use_triplet=True)
     assert all(torch.isfinite(v) for v in losses.values())
     assert losses["identity_ce"] == 0 and losses["distill"] == 0 and losses["box"] > 0

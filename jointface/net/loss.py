@@ -62,8 +62,12 @@ def triplet_batch_hard(embeddings: torch.Tensor, labels: torch.Tensor, margin: f
 
 
 def joint_losses(output: JointOutput, targets: MatchedTargets, identity_heads: nn.ModuleDict,
-                 *, use_triplet: bool = False, triplet_margin: float = 0.2, box_beta: float = 0.1) -> dict[str, torch.Tensor]:
-    """Every loss term by name (see the module docstring). Shapes: see :class:`JointOutput` / :class:`MatchedTargets`."""
+                 *, use_triplet: bool = False, triplet_margin: float = 0.2,
+                 box_beta: float = 0.1) -> dict[str, torch.Tensor]:
+    """Every loss term by name (see the module docstring).
+
+    Shapes: see :class:`JointOutput` and :class:`MatchedTargets`.
+    """
     box_raw, face_logits, embeddings = output.box_raw.float(), output.face_logits.float(), output.embeddings.float()
     num_faces = max(targets.num_faces, 1)
     image_idx, anchor_idx = targets.matched_image_idx, targets.matched_anchor_idx
@@ -86,7 +90,8 @@ def joint_losses(output: JointOutput, targets: MatchedTargets, identity_heads: n
         logits = identity_heads["margin"](known_embeddings, known_labels)
         losses["identity_margin"] = F.cross_entropy(logits, known_labels) if has_faces else _zero_like_graph(logits)
     if use_triplet:
-        losses["triplet"] = triplet_batch_hard(known_embeddings, known_labels, triplet_margin) + _zero_like_graph(embeddings)
+        losses["triplet"] = (triplet_batch_hard(known_embeddings, known_labels, triplet_margin)
+                             + _zero_like_graph(embeddings))
     if "distill" in identity_heads:
         with_teacher = targets.teacher_valid
         predicted = identity_heads["distill"](face_embeddings[with_teacher])
@@ -106,7 +111,7 @@ class NonFiniteLossError(FloatingPointError):
 
 def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
     """Raise :class:`NonFiniteLossError` naming every non-finite term."""
-    bad = {name: float(value) for name, value in losses.items() if not torch.isfinite(value).all()}
+    bad = {name: value.detach().item() for name, value in losses.items() if not torch.isfinite(value).all()}
     if bad:
         terms = ", ".join(f"{name}={value}" for name, value in bad.items())
         raise NonFiniteLossError(f"non-finite loss at step {step}: {terms}. Training stopped; lower the learning "

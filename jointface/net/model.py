@@ -208,7 +208,8 @@ class DistillationHead(nn.Module):
 
     def __init__(self, embedding_dim: int, teacher_dim: int = 128, hidden: int = 256):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(embedding_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, teacher_dim))
+        self.mlp = nn.Sequential(nn.Linear(embedding_dim, hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, teacher_dim))
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         return self.mlp(embeddings)
@@ -311,5 +312,6 @@ def postprocess(output: JointOutput, anchor_grid: AnchorGrid, conf_threshold: fl
         above = candidate_scores >= conf_threshold
         candidate_scores, candidate_idx = candidate_scores[above], candidate_idx[above]
         kept = candidate_idx[nms(boxes[image, candidate_idx], candidate_scores, nms_iou)][:max_faces]
-        results.append(Detections(boxes[image, kept], scores[image, kept], output.embeddings[image, kept].float(), kept))
+        results.append(Detections(boxes[image, kept], scores[image, kept],
+                                  output.embeddings[image, kept].float(), kept))
     return results

@@ -59,6 +59,7 @@ class TrainConfig:
     device: str = "auto"                     # auto / cpu / cuda
     bf16: bool = False                       # bf16 autocast (CPU or CUDA)
     num_workers: int = 0
+    num_threads: int | None = None           # torch intra-op threads (None: torch's default)
     seed: int = 0
     checkpoint_every: int = 200              # steps; also at the end of every epoch
     log_every: int = 10

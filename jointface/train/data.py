@@ -19,6 +19,9 @@ order produces it (resuming reproduces the same batches):
 * horizontal **flip**; **colour jitter** (brightness, contrast, saturation).
 
 Faces less than half visible after cropping are dropped from the targets.
+Only the labelled subject of each photo is a target: other people in the
+background of an LFW photo count as background (a known limit of labels
+made one face per photo).
 Without augmentation (validation), a photo is letterboxed exactly like the
 engine does (:func:`jointface.net.model.letterbox`).
 
@@ -30,7 +33,6 @@ triplet mining needs several images per person), and yields
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,14 +132,16 @@ def _place(image: np.ndarray, box, out_w: int, out_h: int, scale_range, rng: np.
     dst_x1, dst_y1 = max(0, offset_x), max(0, offset_y)
     paste_w, paste_h = min(new_w - src_x1, out_w - dst_x1), min(new_h - src_y1, out_h - dst_y1)
     if paste_w > 0 and paste_h > 0:
-        view[dst_y1:dst_y1 + paste_h, dst_x1:dst_x1 + paste_w] = resized[src_y1:src_y1 + paste_h, src_x1:src_x1 + paste_w]
+        view[dst_y1:dst_y1 + paste_h, dst_x1:dst_x1 + paste_w] = \
+            resized[src_y1:src_y1 + paste_h, src_x1:src_x1 + paste_w]
     return view, (new_w / width, offset_x, offset_y)
 
 
 def _visible_box(box, transform, out_w, out_h, min_visible: float = 0.5):
     """Box after ``view = photo * scale + offset``, clipped; None when less than ``min_visible`` shows."""
     scale, offset_x, offset_y = transform
-    x1, y1, x2, y2 = box[0] * scale + offset_x, box[1] * scale + offset_y, box[2] * scale + offset_x, box[3] * scale + offset_y
+    x1, x2 = box[0] * scale + offset_x, box[2] * scale + offset_x
+    y1, y2 = box[1] * scale + offset_y, box[3] * scale + offset_y
     area = max(0.0, x2 - x1) * max(0.0, y2 - y1)
     cx1, cy1, cx2, cy2 = max(0.0, x1), max(0.0, y1), min(float(out_w), x2), min(float(out_h), y2)
     visible = max(0.0, cx2 - cx1) * max(0.0, cy2 - cy1)
@@ -169,6 +173,7 @@ class FaceDataset(Dataset):
         self.input_size = input_size
         self.mean, self.std = list(mean), list(std)
         self.augment = augment
+        self.with_face = [i for i, r in enumerate(self.records) if r.box is not None]  # mosaic tile sources
 
     def __len__(self) -> int:
         return len(self.records)
@@ -191,7 +196,8 @@ class FaceDataset(Dataset):
             split_x, split_y = (round(rng.uniform(0.3, 0.7) * size) for _ in range(2))
             tiles = [(0, 0, split_x, split_y), (split_x, 0, size - split_x, split_y),
                      (0, split_y, split_x, size - split_y), (split_x, split_y, size - split_x, size - split_y)]
-            sources = [record_index] + [int(i) for i in rng.integers(0, len(self.records), size=3)]
+            others = rng.integers(0, len(self.with_face), size=3) if self.with_face else []
+            sources = [record_index] + [self.with_face[int(i)] for i in others]
         else:
             tiles, sources = [(0, 0, size, size)], [record_index]
         canvas = np.empty((size, size, 3), dtype=np.uint8)

@@ -54,8 +54,8 @@ from .data import (Augmentation, FaceDataset, PKBatchSampler, collate, load_clas
 CHECKPOINT_FORMAT = "jointface-checkpoint"
 WEIGHTS_FORMAT = "jointface-weights"
 #: Runtime settings a resumed run takes from the new config rather than the checkpoint.
-RUNTIME_FIELDS = ("epochs", "max_steps", "device", "bf16", "num_workers", "progress", "checkpoint_every",
-                  "log_every", "validate", "out_dir", "data_dir")
+RUNTIME_FIELDS = ("epochs", "max_steps", "device", "bf16", "num_workers", "num_threads", "progress",
+                  "checkpoint_every", "log_every", "validate", "out_dir", "data_dir")
 
 
 @dataclass
@@ -76,7 +76,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 # ----------------------------------------------------------------------------- building blocks
-def build_model(config: TrainConfig, class_names: list[str], anchor_sizes: list[list[float]]) -> tuple[JointNet, nn.ModuleDict]:
+def build_model(config: TrainConfig, class_names: list[str],
+                anchor_sizes: list[list[float]]) -> tuple[JointNet, nn.ModuleDict]:
+    """A fresh JointNet (its record filled from the config) and its identity heads."""
     record = ModelRecord(backbone=config.backbone, input_size=config.input_size, anchor_sizes=anchor_sizes,
                          embedding_dim=config.embedding_dim, neck_channels=config.neck_channels,
                          class_names=list(class_names), training_command=config.training_command,
@@ -89,9 +91,9 @@ def build_model(config: TrainConfig, class_names: list[str], anchor_sizes: list[
 
 def build_optimizer(config: TrainConfig, model: JointNet, heads: nn.ModuleDict) -> torch.optim.Optimizer:
     backbone_lr = config.lr * (config.backbone_lr_factor if config.init else 1.0)
+    head_parameters = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
     groups = [{"params": list(model.backbone.parameters()), "lr": backbone_lr},
-              {"params": [p for n, p in model.named_parameters() if not n.startswith("backbone.")] + list(heads.parameters()),
-               "lr": config.lr}]
+              {"params": head_parameters + list(heads.parameters()), "lr": config.lr}]
     if config.optimizer != "adamw":
         raise ValueError(f"unknown optimizer {config.optimizer!r} (only 'adamw')")
     return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
@@ -243,13 +245,15 @@ def plot_curves(steps_csv: CsvLog, epochs_csv: CsvLog, out_path: Path) -> None:
         if values:
             loss_axes.plot(*zip(*values), label=column)
     loss_axes.set(xlabel="step", ylabel="loss", yscale="symlog", title="training loss terms")
-    loss_axes.legend(fontsize=8)
+    if loss_axes.get_legend_handles_labels()[0]:
+        loss_axes.legend(fontsize=8)
     for column in ("top1_classifier", "top1_nearest", "mean_iou"):
-        values = [(int(r["epoch"]), float(r[column])) for r in epoch_rows if r.get(column) not in (None, "")]
+        values = [(float(r["epoch"]), float(r[column])) for r in epoch_rows if r.get(column) not in (None, "")]
         if values:
             metric_axes.plot(*zip(*values), marker="o", label=column)
     metric_axes.set(xlabel="epoch", ylim=(0, 1), title="validation (P1 test split)")
-    metric_axes.legend(fontsize=8)
+    if metric_axes.get_legend_handles_labels()[0]:
+        metric_axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(out_path, dpi=100)
     plt.close(figure)
@@ -276,6 +280,8 @@ def train(config: TrainConfig) -> TrainResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     config.save(out_dir / "config.json")
     device = resolve_device(config.device)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)
 
     class_names = load_class_names(config.data_dir)
@@ -299,8 +305,9 @@ def train(config: TrainConfig) -> TrainResult:
     else:
         box_sizes = sample_box_sizes(train_set, config.anchor_sample_images, config.seed)
         anchor_sizes = kmeans_anchors(box_sizes, config.num_anchors).tolist()
-        print(f"anchors (k-means over {len(box_sizes)} augmented faces): "
-              f"{[[round(w), round(h)] for w, h in anchor_sizes]}, mean best IoU {mean_best_iou(box_sizes, anchor_sizes):.3f}")
+        rounded = [[round(w), round(h)] for w, h in anchor_sizes]
+        print(f"anchors (k-means over {len(box_sizes)} augmented faces): {rounded}, "
+              f"mean best IoU {mean_best_iou(box_sizes, anchor_sizes):.3f}")
     model, heads = build_model(config, class_names, anchor_sizes)
     if checkpoint is None and config.init:
         load_torchvision_weights(config.init, model.backbone)
@@ -344,6 +351,7 @@ def train(config: TrainConfig) -> TrainResult:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     last_losses: dict[str, float] = {}
+    parameters = list(model.parameters()) + list(heads.parameters())
     stopped = step >= total_steps
     epoch = start_epoch
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -366,17 +374,18 @@ def train(config: TrainConfig) -> TrainResult:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(heads.parameters()), config.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
                 optimizer.step()
                 scheduler.step()
                 step += 1
                 step_in_epoch += 1
-                last_losses = {name: float(value) for name, value in losses.items()}
-                last_losses["total"] = float(loss)
-                epoch_losses.append(float(loss))
+                last_losses = {name: value.item() for name, value in losses.items()}
+                last_losses["total"] = loss.item()
+                epoch_losses.append(last_losses["total"])
                 if step % config.log_every == 0 or step == total_steps:
-                    steps_log.write({"step": step, "epoch": epoch, "lr": optimizer.param_groups[-1]["lr"], **last_losses})
-                progress.update(task, completed=step, status=f"epoch {epoch} loss {float(loss):.3f}")
+                    steps_log.write({"step": step, "epoch": epoch, "lr": optimizer.param_groups[-1]["lr"],
+                                     **last_losses})
+                progress.update(task, completed=step, status=f"epoch {epoch} loss {last_losses['total']:.3f}")
                 if step >= total_steps:
                     stopped = True
                     break
@@ -388,13 +397,15 @@ def train(config: TrainConfig) -> TrainResult:
                     metrics = evaluate(model, heads, gallery_set, test_set, device, config.conf_threshold, config.bf16)
                     epochs_log.write({"epoch": epoch + 1, "step": step, "seconds": round(time.time() - started, 1),
                                       "train_loss": sum(epoch_losses) / max(1, len(epoch_losses)), **metrics})
-                    progress.console.print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                    summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+                    progress.console.print(f"epoch {epoch + 1}: {summary}")
                 step_in_epoch = 0
                 checkpoint_now(epoch + 1, 0)
             else:
                 checkpoint_now(epoch, step_in_epoch)
-    if step_in_epoch != 0 and config.validate and not metrics:
+    if step_in_epoch != 0 and config.validate and not metrics:  # stopped mid-epoch (max_steps) before any validation
         metrics = evaluate(model, heads, gallery_set, test_set, device, config.conf_threshold, config.bf16)
+        epochs_log.write({"epoch": round(epoch + step_in_epoch / len(sampler), 3), "step": step, **metrics})
     if epochs_log.rows() or steps_log.rows():
         plot_curves(steps_log, epochs_log, out_dir / "curves.png")
     weights_path = out_dir / "jointface.pt"

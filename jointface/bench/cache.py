@@ -1,0 +1,96 @@
+"""A detection cache for benchmarks: the same engine, remembered.
+
+:class:`CachingEngine` wraps an engine and stores each image's faces in a
+small SQLite file keyed by the sha256 of the pixels, so a benchmark that is
+interrupted or rerun (or a second protocol over the same LFW images) does not
+run the detector again. It has the wrapped engine's name, version and
+dimension, and goes through the same library path (enroll, search) as the
+engine itself. Timings are never taken through it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+
+from jointface.engines import Engine, Face
+
+
+def image_key(image: np.ndarray, salt: str = "") -> str:
+    digest = hashlib.sha256(salt.encode())
+    digest.update(str(image.shape).encode())
+    digest.update(np.ascontiguousarray(image).data)
+    return digest.hexdigest()
+
+
+class ResultCache:
+    """Key -> JSON + float32 array, in SQLite (committed every ``commit_every`` writes)."""
+
+    def __init__(self, path: Path, commit_every: int = 50):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path)
+        self._db.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, meta TEXT, data BLOB)")
+        self._pending = 0
+        self.commit_every = commit_every
+
+    def get(self, key: str):
+        row = self._db.execute("SELECT meta, data FROM results WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        return json.loads(row[0]), np.frombuffer(row[1], dtype=np.float32) if row[1] is not None else None
+
+    def put(self, key: str, meta, data: np.ndarray | None) -> None:
+        blob = None if data is None else np.ascontiguousarray(data, dtype=np.float32).tobytes()
+        self._db.execute("INSERT OR REPLACE INTO results VALUES (?, ?, ?)", (key, json.dumps(meta), blob))
+        self._pending += 1
+        if self._pending >= self.commit_every:
+            self.commit()
+
+    def commit(self) -> None:
+        self._db.commit()
+        self._pending = 0
+
+    def close(self) -> None:
+        self.commit()
+        self._db.close()
+
+
+class CachingEngine(Engine):
+    def __init__(self, engine: Engine, cache_dir: Path):
+        self.inner = engine
+        self.name = engine.name
+        self.dim = engine.dim
+        self.default_threshold = engine.default_threshold
+        self.cache = ResultCache(Path(cache_dir) / f"detections-{engine.name}-{engine.version}.sqlite")
+        self.hits = self.misses = 0
+
+    @property
+    def version(self) -> str:
+        return self.inner.version
+
+    def describe(self) -> dict:
+        return self.inner.describe()
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        key = image_key(image)
+        cached = self.cache.get(key)
+        if cached is not None:
+            self.hits += 1
+            meta, data = cached
+            embeddings = data.reshape(len(meta), self.dim) if meta else np.zeros((0, self.dim), np.float32)
+            return [Face(box=tuple(m["box"]), score=m["score"], embedding=embedding, engine=self.name,
+                         engine_version=self.version) for m, embedding in zip(meta, embeddings)]
+        self.misses += 1
+        faces = self.inner.detect(image)
+        meta = [{"box": list(face.box), "score": face.score} for face in faces]
+        data = np.stack([face.embedding for face in faces]) if faces else None
+        self.cache.put(key, meta, data)
+        return faces
+
+    def close(self) -> None:
+        self.cache.close()

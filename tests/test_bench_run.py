@@ -1,0 +1,61 @@
+"""`jointface bench` and `jointface calibrate` end to end on small subsets."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from index import Gallery
+from jointface.bench.protocols import list_lfw
+from jointface.service import calibrate, resolve_threshold
+
+
+def test_bench_p2_subset_writes_results(run_cli, tmp_path):
+    out = tmp_path / "results"
+    result = run_cli("bench", "p2", "--engine", "dlib", "--limit", "12", "--out", out, "--cache", tmp_path / "cache")
+    assert result.returncode == 0, result.stderr
+    data = json.loads((out / "p2.json").read_text())
+    figures = data["figures"]["dlib"]
+    assert data["protocol"] == "P2" and data["config"]["subset"] == 12
+    assert figures["mated_probes"] == 12 and figures["nonmated_probes"] == 24
+    for key in ("rank1", "rank5", "tpir@fpir=0.01", "tpir@fpir=0.1"):
+        assert 0.0 <= figures[key] <= 1.0
+    assert figures["rank5"] >= figures["rank1"] >= 0.75  # dlib on LFW: rank-1 is about 0.92
+    assert data["engines"]["dlib"]["version"].startswith("dlib-resnet-v1-")
+    assert data["environment"]["git_commit"] is None or len(data["environment"]["git_commit"]) == 40
+    assert (out / "p2_det.png").stat().st_size > 5000 and (out / "p2.md").read_text().startswith("## P2")
+    # A rerun hits the detection cache and gives the same figures.
+    again = run_cli("bench", "p2", "--engine", "dlib", "--limit", "12", "--out", out, "--cache", tmp_path / "cache")
+    assert json.loads((out / "p2.json").read_text())["figures"]["dlib"]["rank1"] == figures["rank1"]
+    assert again.returncode == 0
+
+
+def test_calibrate_sets_the_threshold_search_uses(knn_home_copy, lfw_dir, dlib_engine, run_cli):
+    listing = list_lfw(lfw_dir)
+    strangers = [lfw_dir / p / listing[p][0] for p in sorted(listing) if len(listing[p]) == 1][:30]
+    with Gallery.open(knn_home_copy) as gallery:
+        result = calibrate(gallery, dlib_engine, strangers, fpir=0.1)
+        assert result.faces >= 30 and result.reached_fpir <= 0.1
+        chosen = resolve_threshold(gallery, dlib_engine, None)
+        assert chosen.source == "calibrated" and chosen.value == result.threshold
+        # The strangers' own best scores: at most 10% reach the threshold.
+        from jointface.service import identify
+
+        best = []
+        for path in strangers:
+            from jointface.imageio import load_image
+
+            faces = dlib_engine.detect(load_image(path))
+            best += [r.similarity for r in identify(gallery, dlib_engine, faces, top_k=1, threshold=np.inf)]
+        assert np.mean(np.array(best) >= result.threshold) <= 0.1
+    out = run_cli("--engine", "dlib", "search", lfw_dir / "George_W_Bush" / "George_W_Bush_0001.jpg",
+                  home=knn_home_copy)
+    assert f"threshold {result.threshold:.3f} (calibrated)" in out.stderr
+
+
+def test_calibrate_cli_errors(run_cli, tmp_path, lfw_dir):
+    empty_home = tmp_path / "empty"
+    result = run_cli("--engine", "dlib", "calibrate", "--unknowns", lfw_dir / "Aaron_Eckhart", home=empty_home)
+    assert result.returncode == 1 and "gallery is empty" in result.stderr
+    assert run_cli("calibrate", "--fpir", "2", "--unknowns", lfw_dir, home=empty_home).returncode == 2
