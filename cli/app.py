@@ -123,6 +123,8 @@ def enroll(
                                                                                "person, named after them."),
     largest: bool = typer.Option(False, "--largest", help="In photos with several faces, enrol the biggest."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per image."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, max=10_000,
+                                   help="Images per database transaction."),
 ) -> None:
     """Enrol faces: one face per photo (refused when there is none, or several without --largest)."""
     from jointface.imageio import list_images
@@ -155,7 +157,8 @@ def enroll(
             elif outcome.status == SKIPPED:
                 err.print(f"skipped: {outcome.path} ({outcome.person}): {outcome.message}", markup=False)
 
-        report = enroll_items(gallery, engine, items, largest=largest, on_progress=on_progress)
+        report = enroll_items(gallery, engine, items, largest=largest, batch_size=batch_size,
+                              on_progress=on_progress)
     people = len({o.person for o in report.outcomes if o.status == "enrolled"})
     err.print(f"{report.count('enrolled')} faces enrolled for {people} people with engine {engine.name}, "
               f"{report.count(SKIPPED)} skipped, {report.count(FAILED)} failed", markup=False)
@@ -466,6 +469,114 @@ def bench(
             path = bench_run.write_results(result, chosen, out_dir, tag=tag)
             out.print(bench_run.markdown_for(result), markup=False)
             err.print(f"written: {path}", markup=False)
+
+
+# -- training ----------------------------------------------------------------------------------
+
+
+@app.command()
+@handle_errors
+def preprocess(
+    root: Path = typer.Argument(..., help="The collection's folder."),
+    layout: str = typer.Option("folder", "--layout", help="lfw, folder (one subfolder per person), fei, caltech "
+                                                          "or gt (Georgia Tech)."),
+    out: Path = typer.Option(..., "--out", help="Labels file (JSON lines); rerun to continue."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Label only the first N images."),
+) -> None:
+    """Label a face collection with the dlib engine (box, identity, landmark box, teacher descriptor)."""
+    from jointface.train.labels import LAYOUTS, preprocess as run_preprocess
+
+    if layout not in LAYOUTS:
+        raise typer.BadParameter(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if not root.is_dir():
+        raise CliError(f"{root}: not a folder")
+    try:
+        summary = run_preprocess(root, layout, out, progress=err.is_terminal, limit=limit)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    for key in ("no_face", "several_faces", "unreadable", "unlabelled"):
+        entries = summary.get(key) or []
+        if entries:
+            err.print(f"{len(entries)} images {key.replace('_', ' ')}:", markup=False)
+            for entry in entries[:20]:
+                err.print(f"  {entry}", markup=False)
+            if len(entries) > 20:
+                err.print(f"  ... and {len(entries) - 20} more (see {out})", markup=False)
+    out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    counts = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
+    out.print(json.dumps(counts, indent=2), markup=False)
+
+
+@app.command()
+@handle_errors
+def organize(
+    labels: Path = typer.Argument(..., help="Labels file written by `jointface preprocess`."),
+    out_dir: Path = typer.Argument(..., help="Where the resized images and the split go."),
+    layout: Optional[str] = typer.Option(None, "--layout", help="Defaults to the layout the labels were made "
+                                                                "with."),
+) -> None:
+    """Resize to a shorter side of 320 px and split into train / test (P1 exactly, for LFW)."""
+    from jointface.train.labels import organize as run_organize
+
+    if not labels.is_file():
+        raise CliError(f"{labels}: no such labels file (run `jointface preprocess` first)")
+    try:
+        summary = run_organize(labels, out_dir, layout, progress=err.is_terminal)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    out.print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, list)}, indent=2, default=str),
+              markup=False)
+
+
+@app.command()
+@handle_errors
+def train(
+    ctx: typer.Context,
+    config_path: Optional[Path] = typer.Option(None, "--config", help="A JSON training config (see "
+                                                                      "jointface/configs/)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data", help="Output folder of `jointface organize`."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder (checkpoints, logs, curves); an "
+                                                              "interrupted run resumes from it."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="resnet18, resnet34 or resnet50."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="Network input in pixels (320: 10x10 "
+                                                                        "grid, 160: 5x5)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
+    heads: Optional[str] = typer.Option(None, "--heads", help="Comma-separated identity heads: classifier, "
+                                                              "arcface or cosface, triplet, distill."),
+    init: Optional[Path] = typer.Option(None, "--init", help="torchvision ResNet weights to start from."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast."),
+    export: Optional[Path] = typer.Option(None, "--export", help="Also copy the final weights here."),
+) -> None:
+    """Train the joint detection + identification network (resumes from --out)."""
+    import shlex
+    import shutil
+
+    from jointface.train.config import TrainConfig
+    from jointface.train.loop import train as run_training
+
+    config = TrainConfig.load(config_path) if config_path else TrainConfig()
+    changes = {"data_dir": str(data_dir) if data_dir else None, "out_dir": str(out_dir) if out_dir else None,
+               "backbone": backbone, "input_size": input_size, "epochs": epochs,
+               "init": str(init) if init else None, "bf16": bf16,
+               "identity_heads": [h.strip() for h in heads.split(",") if h.strip()] if heads else None,
+               "num_threads": settings(ctx).threads}
+    config = config.replace(**{k: v for k, v in changes.items() if v is not None})
+    if not config.data_dir or not config.out_dir:
+        raise typer.BadParameter("--data and --out (or a --config that sets data_dir and out_dir) are required")
+    if not Path(config.data_dir, "train.jsonl").is_file():
+        raise CliError(f"{config.data_dir} has no train.jsonl: run `jointface organize` first")
+    config = config.replace(training_command="jointface " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+                            progress=err.is_terminal)
+    try:
+        result = run_training(config)
+    except FloatingPointError as exc:
+        raise CliError(str(exc)) from exc
+    out.print(json.dumps({"weights": str(result.weights), "step": result.step, "epoch": result.epoch,
+                          "metrics": result.metrics}, indent=2, default=str), markup=False)
+    if export is not None:
+        export.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(result.weights, export)
+        err.print(f"weights copied to {export}", markup=False)
 
 
 def _benchmark_engines() -> list[str]:

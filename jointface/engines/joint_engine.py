@@ -72,6 +72,19 @@ def load_weights(path: str | os.PathLike) -> tuple[dict, str]:
     return payload, version
 
 
+def _classifier_from(heads: dict):
+    """(weight (C, D), bias (C,) or None) of the linear classifier head, else of the margin head."""
+    for prefix in ("classifier.fc.", "margin."):
+        weight = heads.get(prefix + "weight")
+        if weight is not None:
+            bias = heads.get(prefix + "bias")
+            weight = weight.float().numpy()
+            if prefix == "margin.":  # cosine classifier: normalised class centres
+                weight = weight / np.maximum(np.linalg.norm(weight, axis=1, keepdims=True), 1e-12)
+            return weight, None if bias is None else bias.float().numpy()
+    return None
+
+
 class JointEngine(Engine):
     """JointNet face detection + embedding (see the module docstring)."""
 
@@ -97,6 +110,7 @@ class JointEngine(Engine):
         except (TypeError, ValueError, RuntimeError, KeyError) as exc:
             raise WeightsError(f"{path}: weights do not fit the network they describe ({exc})") from exc
         self.weights_path = path
+        self._classifier = _classifier_from(payload.get("identity_heads") or {})
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.bf16 = bool(bf16)
@@ -113,6 +127,18 @@ class JointEngine(Engine):
     @property
     def class_names(self) -> list[str]:
         return list(self.record.class_names)
+
+    def classify(self, face: Face) -> str | None:
+        """The training-set identity the classifier head gives a face (the study's way; None without one).
+
+        Only for the closed set the network was trained on (P1); enrolment and
+        search never use it.
+        """
+        if self._classifier is None:
+            return None
+        weight, bias = self._classifier
+        logits = weight @ np.asarray(face.embedding, dtype=np.float32) + (bias if bias is not None else 0.0)
+        return self.record.class_names[int(np.argmax(logits))]
 
     def detect(self, image: np.ndarray) -> list[Face]:
         return self.detect_batch([image])[0]

@@ -7,20 +7,22 @@ Architecture::
       -> 1x1 conv -> per anchor 4 box numbers + 1 face logit   (B, G*G*A, 5)
       -> 1x1 conv -> per anchor a D-dim embedding, L2-normalised (B, G*G*A, D)
 
-The grid: ResNet's native stride 32. At 320 px input that is a 10x10 grid
-(the study added a stride to reach 5x5 at 320 px). We keep 32 because (a) the
-weights of a torchvision checkpoint are used as trained, with no extra layer
-to learn from scratch, (b) mosaic training images and group photos put
-several faces of 60-100 px in one picture, and a 10-px-per-cell grid of
-32 px keeps their centres in different cells, and (c) the grid follows the
-input size, so a 160 px model (5x5 grid, the study's grid, ~5x cheaper on
-CPU) is the same code. Anchor ``a`` of cell ``(row, col)`` is prediction
+The grid: ResNet's native stride 32, so a 320 px input gives a 10x10 grid
+(the study added a further stride to get 5x5 at 320 px). We keep 32 because
+(a) a torchvision checkpoint is used exactly as trained, with no extra layer
+learnt from scratch; (b) mosaic training images and group photos hold several
+faces of 60-100 px, and 32 px cells keep their centres in different cells,
+where 64 px cells would make two faces compete for one cell's anchors; and
+(c) the grid follows the input size, so a 160 px model has the study's 5x5
+grid (and costs about a fifth of the CPU time) with the very same code.
+Anchor ``a`` of cell ``(row, col)`` is prediction
 ``(row * G + col) * A + a``; see :mod:`jointface.net.anchors`.
 
 The identity heads (:class:`LinearClassifier`, :class:`MarginClassifier`,
 :class:`DistillationHead`) are separate modules that take embeddings; they
-are not part of :class:`JointNet`, so inference, enrolment and the shipped
-weights never need them. :class:`ModelRecord` is the metadata that travels
+are not part of :class:`JointNet`, so inference and enrolment never need
+them (an exported weights file may carry them under their own key, for
+closed-set P1 scoring only). :class:`ModelRecord` is the metadata that travels
 with the weights (backbone, input size, anchors, embedding size, mean/std,
 class names, training command and data).
 
