@@ -52,6 +52,15 @@ def handle_errors(func):
                 NotADirectoryError) as exc:
             err.print(f"error: {exc}", markup=False)
             raise typer.Exit(1)
+        except PermissionError as exc:
+            err.print(f"error: permission denied: {exc.filename or exc}", markup=False)
+            raise typer.Exit(1)
+        except OSError as exc:
+            err.print(f"error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), markup=False)
+            raise typer.Exit(1)
+        except ValueError as exc:  # bad values that got past parsing (a NUL byte in a path, ...)
+            err.print(f"error: {exc}", markup=False)
+            raise typer.Exit(1)
         except RuntimeError as exc:
             if exc.__class__.__name__ in ("WeightsError", "DlibModelsMissing"):
                 err.print(f"error: {exc}", markup=False)
