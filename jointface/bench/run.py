@@ -324,6 +324,10 @@ def markdown_for(result: dict) -> str:
                                                      f"{100 * row['pairs_without_p1']['std']:.2f}"}
                    for name, row in figures.items()}
         columns, formats = ["all pairs", "pairs without P1 people"], {}
+    elif protocol == "P4":
+        columns = ["images_per_second", "ms_per_image", "faces_per_image", "ratio_to_dlib_2_processes"]
+        formats = {"images_per_second": "{:.2f}", "ms_per_image": "{:.1f}", "faces_per_image": "{:.2f}",
+                   "ratio_to_dlib_2_processes": "{:.2f}x"}
     else:
         columns, formats = None, {}
     table = plots.markdown_table(figures, columns=columns, formats=formats, row_header="engine")
