@@ -430,14 +430,15 @@ def calibrate(
                   f"(use at least {int(10 / fpir)})", markup=False)
 
 
-PROTOCOLS = ("p1", "p2", "p3", "p4", "p5", "all")
+PROTOCOLS = ("p1", "p2", "p3", "p4", "p5", "all", "report")
 
 
 @app.command()
 @handle_errors
 def bench(
     ctx: typer.Context,
-    protocol: str = typer.Argument(..., help="p1, p2, p3, p4, p5 or all (see ../shared/PROTOCOLS.md)."),
+    protocol: str = typer.Argument(..., help="p1, p2, p3, p4, p5 or all (see ../shared/PROTOCOLS.md); report "
+                                             "rewrites the README's results section from the JSON files."),
     engines: Optional[list[str]] = typer.Option(None, "--engine", "-e", help="Engines to compare (repeat); "
                                                                              "default: every available one."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Run on an evenly spread subset (quick "
@@ -456,6 +457,15 @@ def bench(
     protocol = protocol.lower()
     if protocol not in PROTOCOLS:
         raise typer.BadParameter(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if protocol == "report":  # regenerate the README's results section from the JSON files
+        from jointface.bench.report import update_readme
+
+        try:
+            changed = update_readme(Path("README.md"), out_dir)
+        except (OSError, ValueError) as exc:
+            raise CliError(str(exc)) from exc
+        err.print("README.md results " + ("updated" if changed else "already up to date"), markup=False)
+        return
     settings(ctx).apply_threads()
     names = engines or _benchmark_engines()
     chosen = [get_engine(name) for name in names]
@@ -478,6 +488,10 @@ def bench(
             path = bench_run.write_results(result, chosen, out_dir, tag=tag)
             out.print(bench_run.markdown_for(result), markup=False)
             err.print(f"written: {path}", markup=False)
+        if out_dir == Path("benchmarks/results") and Path("README.md").exists():
+            from jointface.bench.report import update_readme
+
+            update_readme(Path("README.md"), out_dir)
 
 
 # -- training ----------------------------------------------------------------------------------
