@@ -59,3 +59,27 @@ def test_calibrate_cli_errors(run_cli, tmp_path, lfw_dir):
     result = run_cli("--engine", "dlib", "calibrate", "--unknowns", lfw_dir / "Aaron_Eckhart", home=empty_home)
     assert result.returncode == 1 and "gallery is empty" in result.stderr
     assert run_cli("calibrate", "--fpir", "2", "--unknowns", lfw_dir, home=empty_home).returncode == 2
+
+
+def test_bench_p1_subset_and_readme_report(run_cli, tmp_path, lfw_dir):
+    out = tmp_path / "results"
+    result = run_cli("bench", "p1", "--engine", "dlib", "--limit", "3", "--out", out, "--cache", tmp_path / "cache")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads((out / "p1.json").read_text())["figures"]["dlib"]
+    from jointface.bench.protocols import p1_split
+    from jointface.bench.run import _subset
+
+    split = p1_split(lfw_dir)
+    people = set(_subset(split.people, 3))
+    assert figures["test_images"] == sum(image.person in people for image in split.test)
+    assert figures["top1_nearest_train"] >= 0.8 and 0.5 <= figures["mean_iou"] <= 1.0
+    assert figures["images_per_second"] > 0
+
+    from jointface.bench.report import END, START, update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{START}\nold\n{END}\n\nrest\n")
+    assert update_readme(readme, out)
+    text = readme.read_text()
+    assert "old" not in text and "## P1" in text and "| dlib |" in text and text.endswith("rest\n")
+    assert not update_readme(readme, out)  # idempotent
