@@ -82,3 +82,15 @@ def run_cli():
                               input=input, env=full_env, timeout=timeout, cwd=REPO)
 
     return run
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine
+    thread contention makes them 10-30x slower; restore the setting afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

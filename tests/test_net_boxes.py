@@ -10,14 +10,7 @@ from jointface.net.boxes import BoxCoder, batched_nms, box_iou, nms, wh_iou
 from jointface.net.matching import FaceTargets, match_faces
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine
-    thread contention makes them 10-30x slower; restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_box_iou_hand_computed():

@@ -11,14 +11,7 @@ from jointface.net.matching import FaceTargets, MatchedTargets, match_faces
 from jointface.net.model import JointNet, JointOutput, MarginClassifier, ModelRecord, build_identity_heads
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine
-    thread contention makes them 10-30x slower; restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 ALL_HEADS = ["classifier", "arcface", "triplet", "distill"]

@@ -14,14 +14,7 @@ from jointface.net.model import (JointNet, JointOutput, ModelRecord, build_ident
 from jointface.net.resnet import build_resnet, load_torchvision_weights, resnet18, resnet34, resnet50
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine
-    thread contention makes them 10-30x slower; restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TINY = dict(backbone="resnet_tiny", input_size=64, anchor_sizes=[[16.0, 16.0], [32.0, 40.0]], embedding_dim=16,

@@ -23,14 +23,7 @@ from jointface.train.labels import lfw_p1_split, organize, preprocess, read_labe
 from jointface.train.loop import export_weights, train
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine
-    thread contention makes them 10-30x slower; restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 PEOPLE, IMAGES_EACH = 8, 6

@@ -67,6 +67,8 @@ class CachingEngine(Engine):
         self.dim = engine.dim
         self.default_threshold = engine.default_threshold
         self.cache = ResultCache(Path(cache_dir) / f"detections-{engine.name}-{engine.version}.sqlite")
+        # engine.name differs between numeric paths of one network (jointface, jointface-bf16), so their
+        # detections are cached apart.
         self.hits = self.misses = 0
 
     @property

@@ -32,7 +32,17 @@ def _make_joint(**options) -> Engine:
     return JointEngine(**options)
 
 
-_FACTORIES: dict[str, Callable[..., Engine]] = {"dlib": _make_dlib, "jointface": _make_joint}
+def _make_joint_fast(**options) -> Engine:
+    """The joint network's fast path: bf16 autocast and channels-last (checked against fp32 in P1)."""
+    from .joint_engine import JointEngine
+
+    engine = JointEngine(bf16=True, channels_last=True, **options)
+    engine.name = "jointface-bf16"
+    return engine
+
+
+_FACTORIES: dict[str, Callable[..., Engine]] = {"dlib": _make_dlib, "jointface": _make_joint,
+                                                "jointface-bf16": _make_joint_fast}
 _INSTANCES: dict[tuple, Engine] = {}
 _LOCK = threading.Lock()
 

@@ -93,7 +93,7 @@ class JointEngine(Engine):
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str = "cpu", bf16: bool = False,
                  conf_threshold: float = 0.5, nms_iou: float = 0.4, input_size: int | None = None,
-                 max_faces: int = 100):
+                 max_faces: int = 100, channels_last: bool = False):
         import torch
 
         from jointface.net.model import JointNet, ModelRecord
@@ -113,6 +113,9 @@ class JointEngine(Engine):
         self._classifier = _classifier_from(payload.get("identity_heads") or {})
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.bf16 = bool(bf16)
         self.conf_threshold = float(conf_threshold)
         self.nms_iou = float(nms_iou)
@@ -153,6 +156,8 @@ class JointEngine(Engine):
         images = [check_image(image) for image in images]
         placed = [letterbox(image, self.input_size) for image in images]
         batch = images_to_tensor([canvas for canvas, _ in placed], self.record.mean, self.record.std).to(self.device)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             output = self.model(batch)
         detections = postprocess(output, self.model.anchor_grid, self.conf_threshold, self.nms_iou, self.max_faces)
@@ -172,4 +177,5 @@ class JointEngine(Engine):
 
     def describe(self) -> dict:
         return {**super().describe(), "backbone": self.record.backbone, "input_size": self.input_size,
+                "bf16": self.bf16, "channels_last": self.channels_last,
                 "conf_threshold": self.conf_threshold, "nms_iou": self.nms_iou, "weights": str(self.weights_path)}
