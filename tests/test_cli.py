@@ -96,6 +96,16 @@ def test_failures_and_exit_codes(run_cli, knn_home_copy, knn_dir, tmp_path):
         assert result.returncode == 1, args
         assert result.stderr.startswith("error: "), (args, result.stderr)
 
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "notes.txt").write_text("ignored: not an image suffix")
+    (mixed / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (mixed / "obama.jpg").write_bytes((knn_dir / "test" / "obama1.jpg").read_bytes())
+    result = run_cli("--engine", "dlib", "search", "--json", mixed, home=home)
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.returncode == 1 and len(lines) == 2
+    assert lines[0]["error"] and lines[1]["faces"][0]["identity"] == "obama"
+
     assert run_cli("enroll", home=home).returncode == 2  # usage
     assert run_cli("search", home=home).returncode == 2
     assert run_cli("--engine", "nope", "search", knn_dir / "test", home=home).returncode == 1

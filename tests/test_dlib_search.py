@@ -56,15 +56,19 @@ def test_bad_files_fail_one_by_one_and_the_batch_goes_on(knn_home_copy, knn_dir,
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "text.jpg").write_text("hello")
     (tmp_path / "truncated.jpg").write_bytes(good.read_bytes()[:3000])
+    from test_imageio import png_claiming
+
+    (tmp_path / "bomb.png").write_bytes(png_claiming(30000, 30000))
     items = [("x", tmp_path / "empty.jpg"), ("x", tmp_path / "text.jpg"), ("x", tmp_path / "truncated.jpg"),
-             ("x", tmp_path / "missing.jpg"), ("x", knn_dir / "test" / "kit_with_rose.jpg"), ("x", good)]
+             ("x", tmp_path / "missing.jpg"), ("x", knn_dir / "test" / "kit_with_rose.jpg"),
+             ("x", tmp_path / "bomb.png"), ("x", good)]
     with Gallery.open(knn_home_copy) as gallery:
         report = enroll(gallery, dlib_engine, items)
     statuses = [o.status for o in report.outcomes]
-    assert statuses == [FAILED] * 5 + ["enrolled"]
+    assert statuses == [FAILED] * 6 + ["enrolled"]
     messages = [o.message for o in report.outcomes]
     assert "empty" in messages[0] and "not an image" in messages[1] and "truncated" in messages[2]
-    assert "no such file" in messages[3] and "2 faces" in messages[4]
+    assert "no such file" in messages[3] and "2 faces" in messages[4] and "30000x30000" in messages[5]
     with Gallery.open(knn_home_copy) as gallery:
         again = enroll(gallery, dlib_engine, [("x", good), ("x", knn_dir / "test" / "kit_with_rose.jpg")],
                        largest=True)

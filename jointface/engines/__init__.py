@@ -26,6 +26,13 @@ def _make_dlib(**options) -> Engine:
     return DlibEngine(**options)
 
 
+def _make_dlib_cnn(**options) -> Engine:
+    """dlib with its CNN (MMOD) detector: same descriptor, so it shares the ``dlib`` gallery."""
+    from .dlib_engine import DlibEngine
+
+    return DlibEngine(detector="cnn", **options)
+
+
 def _make_joint(**options) -> Engine:
     from .joint_engine import JointEngine
 
@@ -41,7 +48,8 @@ def _make_joint_fast(**options) -> Engine:
     return engine
 
 
-_FACTORIES: dict[str, Callable[..., Engine]] = {"dlib": _make_dlib, "jointface": _make_joint,
+_FACTORIES: dict[str, Callable[..., Engine]] = {"dlib": _make_dlib, "dlib-cnn": _make_dlib_cnn,
+                                                "jointface": _make_joint,
                                                 "jointface-bf16": _make_joint_fast}
 _INSTANCES: dict[tuple, Engine] = {}
 _LOCK = threading.Lock()
