@@ -458,13 +458,16 @@ def bench(
     if protocol not in PROTOCOLS:
         raise typer.BadParameter(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     if protocol == "report":  # regenerate the README's results section from the JSON files
-        from jointface.bench.report import update_readme
+        from jointface.bench.report import update_readme, write_weights_card
 
         try:
             changed = update_readme(Path("README.md"), out_dir)
+            card = write_weights_card(out_dir)
         except (OSError, ValueError) as exc:
             raise CliError(str(exc)) from exc
         err.print("README.md results " + ("updated" if changed else "already up to date"), markup=False)
+        if card is not None:
+            err.print(f"weights card written: {card}", markup=False)
         return
     settings(ctx).apply_threads()
     names = engines or _benchmark_engines()

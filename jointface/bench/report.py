@@ -44,3 +44,30 @@ def update_readme(readme: Path, results_dir: Path) -> bool:
     changed = new != text
     readme.write_text(new)
     return changed
+
+
+def write_weights_card(results_dir: Path) -> Path | None:
+    """The shipped weights' sidecar (``jointface.json``): their P1 figures, from ``p1.json``.
+
+    Written only when ``p1.json`` measured exactly the shipped file (same
+    version hash); :func:`jointface.engines.default_engine_name` reads it.
+    """
+    from jointface.engines.joint_engine import default_weights_path, load_weights
+
+    weights = default_weights_path()
+    p1_path = results_dir / "p1.json"
+    if weights is None or not p1_path.exists():
+        return None
+    p1 = json.loads(p1_path.read_text())
+    payload, version = load_weights(weights)
+    record = p1.get("engines", {}).get("jointface")
+    if not record or record.get("version") != version:
+        return None
+    card = {"weights": weights.name, "version": version, "p1": p1["figures"]["jointface"],
+            "p1_results": p1_path.as_posix(), "measured": p1.get("environment", {}).get("date"),
+            "training": {k: payload.get("training", {}).get(k) for k in ("step", "epoch", "metrics")},
+            "backbone": payload["record"].get("backbone"), "input_size": payload["record"].get("input_size"),
+            "training_command": payload["record"].get("training_command")}
+    out = weights.with_suffix(".json")
+    out.write_text(json.dumps(card, indent=2, default=str) + "\n")
+    return out

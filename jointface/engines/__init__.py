@@ -59,13 +59,36 @@ def available_engines() -> list[str]:
     return sorted(_FACTORIES)
 
 
+#: The joint network becomes the default engine only when its weights identify
+#: at least this share of P1 test faces (nearest training embedding, as
+#: enrol/search use it); weaker weights stay available with --engine jointface.
+DEFAULT_ENGINE_MIN_P1_ACCURACY = 0.90
+
+
 def default_engine_name() -> str:
-    """``jointface`` once shipped weights are present, else ``dlib``."""
+    """``jointface`` when its weights are present and good enough, else ``dlib``.
+
+    Weights named by ``$JOINTFACE_WEIGHTS`` are the user's explicit choice.
+    Shipped weights carry a sidecar ``jointface.json`` with their measured P1
+    accuracy; below :data:`DEFAULT_ENGINE_MIN_P1_ACCURACY` the default stays dlib.
+    """
+    import json
+    import os
+
     try:
-        from .joint_engine import default_weights_path
+        from .joint_engine import WEIGHTS_ENV, default_weights_path
     except ImportError:
         return "dlib"
-    return "jointface" if default_weights_path() is not None else "dlib"
+    path = default_weights_path()
+    if path is None:
+        return "dlib"
+    if os.environ.get(WEIGHTS_ENV):
+        return "jointface"
+    try:
+        accuracy = json.loads(path.with_suffix(".json").read_text())["p1"]["top1_nearest_train"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "dlib"
+    return "jointface" if accuracy >= DEFAULT_ENGINE_MIN_P1_ACCURACY else "dlib"
 
 
 def get_engine(name: str, **options) -> Engine:

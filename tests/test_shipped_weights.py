@@ -1,0 +1,46 @@
+"""The shipped joint network: loads safely, carries its metadata, finds faces with enroll/search."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from jointface.engines.joint_engine import default_weights_path
+
+
+def test_weights_file_is_shipped_small_and_self_describing():
+    path = default_weights_path()
+    assert path is not None, "jointface/weights/jointface.pt is missing"
+    assert path.stat().st_size <= 50 * 1024 * 1024
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    record = payload["record"]
+    for key in ("backbone", "input_size", "anchor_sizes", "embedding_dim", "mean", "std", "class_names",
+                "training_command", "training_data"):
+        assert key in record, key
+    assert len(record["class_names"]) == 311  # the P1 people
+    assert all(t.dtype in (torch.float16, torch.int64, torch.long) for t in payload["state_dict"].values()
+               if t.is_floating_point())
+
+
+def test_sidecar_records_the_measured_accuracy_and_gates_the_default():
+    from jointface.engines import DEFAULT_ENGINE_MIN_P1_ACCURACY, default_engine_name
+
+    sidecar = json.loads(default_weights_path().with_suffix(".json").read_text())
+    accuracy = sidecar["p1"]["top1_nearest_train"]
+    expected = "jointface" if accuracy >= DEFAULT_ENGINE_MIN_P1_ACCURACY else "dlib"
+    assert default_engine_name() == expected
+
+
+def test_jointface_search_finds_two_faces(run_cli, knn_dir, tmp_path):
+    home = tmp_path / "home"
+    enrolled = run_cli("--engine", "jointface", "enroll", "--from-folders", knn_dir / "train", "--largest",
+                       home=home)
+    assert "engine jointface" in enrolled.stderr, enrolled.stderr
+    result = run_cli("--engine", "jointface", "search", "--json", knn_dir / "test" / "obama_and_biden.jpg",
+                     home=home)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert len(answer["faces"]) >= 2
+    # The dlib gallery of the same home stays separate: nothing enrolled there.
+    assert "0 faces" in run_cli("--engine", "dlib", "index", "check", home=home).stdout
