@@ -12,6 +12,18 @@ Consistency rules (what survives a crash at any moment):
    database (or that is missing or damaged) is rebuilt from the database,
    with a notice. So a crash between commit and index save costs a rebuild,
    never a face, and a face is either fully enrolled or absent.
+
+Index kinds (see :mod:`index.vectors`): ``index_kind="auto"`` (the default)
+lets each rebuild from the database choose exact search (``flat``) for
+fewer than ``approximate_from`` faces and ``ivf`` above; adding faces keeps
+the kind of the index on disk, and the next rebuild (``rebuild_index``, or
+a repair) decides again. An explicit kind is always used, and an index file
+of another kind is rebuilt.
+
+Opening is cheap for a big gallery: the first use of an index compares the
+database's generation and a fingerprint of its face ids (count, min, max and
+sum, one SQL aggregate) with the index file, whose checksum is verified as
+it is read; :meth:`Gallery.check_index` compares the full id lists.
 """
 
 from __future__ import annotations
@@ -32,7 +44,7 @@ from sqlalchemy.exc import IntegrityError
 from .errors import GalleryError, IndexCorruptError, PersonExistsError, PersonNotFoundError, StoreError
 from .models import FaceRow, GalleryState, Person
 from .store import IdentityStore, sqlite_path
-from .vectors import VectorIndex
+from .vectors import AUTO_APPROXIMATE_FROM, INDEX_KINDS, VectorIndex, resolve_kind
 
 LOCK_TIMEOUT_S = 300.0
 
@@ -81,10 +93,13 @@ class Gallery:
     """Open with :meth:`Gallery.open`; close (or use as a context manager) when done."""
 
     def __init__(self, home: Path, store: IdentityStore, *, notify: Callable[[str], None] | None = None,
-                 index_kind: str = "flat"):
+                 index_kind: str = "auto", approximate_from: int = AUTO_APPROXIMATE_FROM):
+        if index_kind not in INDEX_KINDS:
+            raise GalleryError(f"unknown index kind {index_kind!r}; choose one of {', '.join(INDEX_KINDS)}")
         self.home = Path(home)
         self.store = store
         self.index_kind = index_kind
+        self.approximate_from = int(approximate_from)
         self._notify = notify or (lambda message: None)
         self._lock = FileLock(str(self.home / "gallery.lock"), timeout=LOCK_TIMEOUT_S)
         self._indexes: dict[str, VectorIndex] = {}
@@ -92,8 +107,14 @@ class Gallery:
     # -- opening ----------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, home: str | os.PathLike, db_url: str | None = None, *, notify=None, index_kind: str = "flat",
-             upgrade: bool = True) -> "Gallery":
+    def open(cls, home: str | os.PathLike, db_url: str | None = None, *, notify=None, index_kind: str = "auto",
+             approximate_from: int = AUTO_APPROXIMATE_FROM, upgrade: bool = True) -> "Gallery":
+        """Open (creating if needed) the gallery in ``home``.
+
+        ``index_kind``: ``auto`` (exact below ``approximate_from`` faces,
+        approximate above, decided at each rebuild), or ``flat``, ``ivf``,
+        ``hnsw`` (see :mod:`index.vectors`).
+        """
         home = Path(home).expanduser()
         try:
             home.mkdir(parents=True, exist_ok=True)
@@ -108,7 +129,11 @@ class Gallery:
                 store = IdentityStore.open(url, upgrade=upgrade)
         except Timeout as exc:
             raise GalleryError(f"timed out waiting for the gallery lock in {home}") from exc
-        gallery = cls(home, store, notify=notify, index_kind=index_kind)
+        try:
+            gallery = cls(home, store, notify=notify, index_kind=index_kind, approximate_from=approximate_from)
+        except GalleryError:
+            store.close()
+            raise
         gallery._remove_stale_temporaries()
         return gallery
 
@@ -152,23 +177,58 @@ class Gallery:
             )
         return generation, np.sort(ids)
 
-    def _rebuild(self, engine_name: str, engine_version: str, dim: int, reason: str | None) -> VectorIndex:
-        """Build the index from the database and save it (caller holds the lock)."""
+    def _db_summary(self, engine_name: str, engine_version: str | None) -> tuple[int, tuple[int, int, int, int]]:
+        """Generation and ``(count, min, max, sum)`` of the face ids of an engine (and version): one aggregate.
+
+        Without ``engine_version`` the query reads only the ``engine`` index
+        (0.26 s at 1M faces, against 0.64 s when the version is compared too).
+        """
+        condition = FaceRow.engine == engine_name
+        if engine_version is not None:
+            condition = condition & (FaceRow.engine_version == engine_version)
         with self.store.session() as session:
             generation = self.store.generation(session, engine_name)
-            rows = session.execute(
+            count, low, high, total = session.execute(
+                select(func.count(FaceRow.id), func.min(FaceRow.id), func.max(FaceRow.id), func.sum(FaceRow.id))
+                .where(condition)
+            ).one()
+        if not count:
+            return generation, (0, 0, 0, 0)
+        return generation, (int(count), int(low), int(high), int(total))
+
+    def _read_vectors(self, engine_name: str, engine_version: str, dim: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """Generation, ids and vectors of an engine's faces, streamed in chunks (no per-row objects kept)."""
+        id_parts: list[np.ndarray] = []
+        vector_parts: list[np.ndarray] = []
+        with self.store.session() as session:
+            generation = self.store.generation(session, engine_name)
+            result = session.execute(
                 select(FaceRow.id, FaceRow.embedding).where(FaceRow.engine == engine_name,
                                                             FaceRow.engine_version == engine_version)
-                .order_by(FaceRow.id)
-            ).all()
-        index = VectorIndex(engine_name, engine_version, dim, kind=self.index_kind, generation=generation)
-        if rows:
-            ids = np.array([row[0] for row in rows], dtype=np.int64)
-            vectors = np.stack([np.frombuffer(row[1], dtype=np.float32) for row in rows])
-            index.add(ids, vectors)
+                .order_by(FaceRow.id).execution_options(yield_per=20_000)
+            )
+            for chunk in result.partitions():
+                blob = b"".join(row[1] for row in chunk)
+                if len(blob) != len(chunk) * dim * 4:
+                    raise ValueError(f"the database holds embeddings of engine {engine_name} {engine_version} "
+                                     f"whose dimension is not {dim}")
+                id_parts.append(np.fromiter((row[0] for row in chunk), dtype=np.int64, count=len(chunk)))
+                vector_parts.append(np.frombuffer(blob, dtype=np.float32).reshape(len(chunk), dim))
+        if not id_parts:
+            return generation, np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+        return generation, np.concatenate(id_parts), np.concatenate(vector_parts)
+
+    def _rebuild(self, engine_name: str, engine_version: str, dim: int, reason: str | None) -> VectorIndex:
+        """Build the index from the database and save it (caller holds the lock); ``auto`` chooses its kind."""
+        generation, ids, vectors = self._read_vectors(engine_name, engine_version, dim)
+        kind = resolve_kind(self.index_kind, len(ids), approximate_from=self.approximate_from)
+        index = VectorIndex(engine_name, engine_version, dim, kind=kind, generation=generation)
+        index.add(ids, vectors)
+        del vectors
         self._save_index(index, generation)
         if reason:
-            self._notify(f"index for engine {engine_name} {reason}: rebuilt from the database ({len(rows)} faces)")
+            self._notify(f"index for engine {engine_name} {reason}: rebuilt from the database "
+                         f"({len(ids)} faces, {kind} index)")
         return index
 
     def _save_index(self, index: VectorIndex, generation: int) -> None:
@@ -181,9 +241,14 @@ class Gallery:
             ) from exc
 
     def _verify_or_rebuild(self, engine_name: str, engine_version: str, dim: int, *, deep: bool) -> VectorIndex:
-        """Load the index file, compare with the database, rebuild if they disagree (lock held)."""
+        """Load the index file, compare with the database, rebuild if they disagree (lock held).
+
+        ``deep`` (first use in this process) also compares the ids' fingerprint
+        (count, min, max, sum); :meth:`check_index` compares the full lists.
+        """
         path = self.index_path(engine_name)
-        generation, db_ids = self._db_state(engine_name, engine_version) if deep else (None, None)
+        # Usually every face of an engine has the current version: the cheaper query then says it all.
+        generation, db_ids = self._db_summary(engine_name, None) if deep else (None, None)
         if generation is None:
             with self.store.session() as session:
                 generation = self.store.generation(session, engine_name)
@@ -199,8 +264,15 @@ class Gallery:
         if index.generation != generation:
             return self._rebuild(engine_name, engine_version, dim,
                                  f"was out of date (generation {index.generation}, database {generation})")
-        if deep and not np.array_equal(index.ids(), db_ids):
-            return self._rebuild(engine_name, engine_version, dim, "disagreed with the database")
+        if self.index_kind != "auto" and index.kind != self.index_kind:
+            return self._rebuild(engine_name, engine_version, dim,
+                                 f"was of kind {index.kind}, this gallery uses {self.index_kind}")
+        if deep:
+            index_ids = index.id_summary()
+            if index_ids != db_ids:
+                generation, db_ids = self._db_summary(engine_name, engine_version)
+            if index_ids != db_ids or index.generation != generation:
+                return self._rebuild(engine_name, engine_version, dim, "disagreed with the database")
         return index
 
     def vectors(self, engine_name: str, engine_version: str, dim: int) -> VectorIndex:
@@ -273,52 +345,80 @@ class Gallery:
         if not faces:
             return []
         with self.locked():
-            index = self._verify_or_rebuild(engine_name, engine_version, dim,
-                                            deep=engine_name not in self._indexes)
+            index = self._index_to_change(engine_name, engine_version, dim)
             results: list[int | None] = []
             added_ids: list[int] = []
             added_vectors: list[np.ndarray] = []
             with self.store.session() as session:
+                # A few set-wise queries per batch, not several per face (1M galleries enrol in big batches).
+                names = list(dict.fromkeys(face.person for face in faces))
                 people: dict[str, Person] = {}
-                seen: set[tuple[str, str]] = set()
-                for face in faces:
-                    person = people.get(face.person)
-                    if person is None:
-                        person = session.scalar(select(Person).where(Person.name == face.person))
-                        if person is None:
-                            person = Person(name=face.person, meta={})
-                            session.add(person)
-                            session.flush()
-                        people[face.person] = person
-                    key = (face.person, face.source_sha256)
-                    duplicate = key in seen or session.scalar(
-                        select(func.count()).select_from(FaceRow).where(
-                            FaceRow.person_id == person.id, FaceRow.engine == engine_name,
-                            FaceRow.source_sha256 == face.source_sha256)
-                    )
-                    if duplicate:
-                        results.append(None)
+                for chunk in iter_chunks(names, 500):
+                    people.update((person.name, person)
+                                  for person in session.scalars(select(Person).where(Person.name.in_(chunk))))
+                enrolled: set[tuple[int, str]] = set()  # (person id, image sha256) already held for this engine
+                for chunk in iter_chunks([person.id for person in people.values()], 500):
+                    enrolled.update(session.execute(
+                        select(FaceRow.person_id, FaceRow.source_sha256)
+                        .where(FaceRow.person_id.in_(chunk), FaceRow.engine == engine_name)).all())
+                newcomers = [Person(name=name, meta={}) for name in names if name not in people]
+                if newcomers:
+                    session.add_all(newcomers)
+                    session.flush()
+                    people.update((person.name, person) for person in newcomers)
+                rows: list[FaceRow] = []
+                slots: list[int] = []
+                for position, face in enumerate(faces):
+                    person = people[face.person]
+                    key = (person.id, face.source_sha256)
+                    results.append(None)
+                    if key in enrolled:
                         continue
-                    seen.add(key)
+                    enrolled.add(key)
                     vector = np.ascontiguousarray(face.embedding, dtype=np.float32).reshape(-1)
                     if vector.shape[0] != dim:
                         raise ValueError(f"embedding has dimension {vector.shape[0]}, engine {engine_name} has {dim}")
-                    row = FaceRow(person_id=person.id, engine=engine_name, engine_version=engine_version, dim=dim,
-                                  embedding=vector.tobytes(), box_x1=face.box[0], box_y1=face.box[1],
-                                  box_x2=face.box[2], box_y2=face.box[3], det_score=float(face.score),
-                                  source_path=str(face.source_path), source_sha256=face.source_sha256)
-                    session.add(row)
-                    session.flush()
-                    results.append(row.id)
-                    added_ids.append(row.id)
+                    rows.append(FaceRow(person_id=person.id, engine=engine_name, engine_version=engine_version,
+                                        dim=dim, embedding=vector.tobytes(), box_x1=face.box[0],
+                                        box_y1=face.box[1], box_x2=face.box[2], box_y2=face.box[3],
+                                        det_score=float(face.score), source_path=str(face.source_path),
+                                        source_sha256=face.source_sha256))
+                    slots.append(position)
                     added_vectors.append(vector)
+                if rows:
+                    session.add_all(rows)
+                    session.flush()
+                    for position, row in zip(slots, rows):
+                        results[position] = row.id
+                    added_ids = [row.id for row in rows]
                 generation = self.store.bump_generation(session, engine_name) if added_ids else index.generation
             # Committed. Now the index; a crash from here on is repaired on next open.
             if added_ids:
-                index.add(np.array(added_ids, dtype=np.int64), np.stack(added_vectors))
-                self._save_index(index, generation)
+                try:
+                    index.add(np.array(added_ids, dtype=np.int64), np.stack(added_vectors))
+                    self._save_index(index, generation)
+                except BaseException:
+                    self._indexes.pop(engine_name, None)  # the file is behind: reload (or rebuild) next time
+                    raise
             self._indexes[engine_name] = index
         return results
+
+    def _index_to_change(self, engine_name: str, engine_version: str, dim: int) -> VectorIndex:
+        """The index that a write extends (lock held).
+
+        The one in memory when it mirrors the database's current generation
+        (saving it is what moved the generation last, and nobody can write
+        while the lock is held), so a big index is not read back from disk
+        before every batch; otherwise the file, verified.
+        """
+        cached = self._indexes.get(engine_name)
+        if cached is not None:
+            with self.store.session() as session:
+                generation = self.store.generation(session, engine_name)
+            if (cached.generation == generation and cached.header.engine_version == engine_version
+                    and cached.dim == dim and self.index_kind in ("auto", cached.kind)):
+                return cached
+        return self._verify_or_rebuild(engine_name, engine_version, dim, deep=cached is None)
 
     def _after_delete(self, face_ids_by_engine: dict[str, list[int]], generations: dict[str, int]) -> None:
         """Remove deleted faces' vectors from the index files (lock held, database committed)."""

@@ -44,3 +44,21 @@ def test_jointface_search_finds_two_faces(run_cli, knn_dir, tmp_path):
     assert len(answer["faces"]) >= 2
     # The dlib gallery of the same home stays separate: nothing enrolled there.
     assert "0 faces" in run_cli("--engine", "dlib", "index", "check", home=home).stdout
+
+
+def test_fast_path_matches_the_reference_path(lfw_dir):
+    """bf16 + channels-last (engine jointface-bf16) against fp32 (engine jointface) on real faces."""
+    import numpy as np
+
+    from jointface.bench.metrics import box_iou_np
+    from jointface.engines import get_engine
+    from jointface.imageio import load_image, resize_shorter_side
+
+    reference, fast = get_engine("jointface"), get_engine("jointface-bf16")
+    people = sorted(p for p in lfw_dir.iterdir() if p.is_dir())[:40:4]
+    images = [resize_shorter_side(load_image(sorted(p.glob("*.jpg"))[0]), 320) for p in people]
+    for ref_faces, fast_faces in zip(reference.detect_batch(images), fast.detect_batch(images)):
+        assert ref_faces and fast_faces
+        ref, quick = ref_faces[0], fast_faces[0]
+        assert box_iou_np(np.array([ref.box]), np.array([quick.box]))[0, 0] > 0.9
+        assert float(np.dot(ref.embedding, quick.embedding)) > 0.98
