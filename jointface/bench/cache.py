@@ -66,9 +66,11 @@ class CachingEngine(Engine):
         self.name = engine.name
         self.dim = engine.dim
         self.default_threshold = engine.default_threshold
-        self.cache = ResultCache(Path(cache_dir) / f"detections-{engine.name}-{engine.version}.sqlite")
-        # engine.name differs between numeric paths of one network (jointface, jointface-bf16), so their
-        # detections are cached apart.
+        # The settings that change detections (detector, thresholds, input size, precision) are part of
+        # the file name, with the engine's name and weights version.
+        settings = {k: v for k, v in engine.describe().items() if k not in ("weights", "name", "version")}
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        self.cache = ResultCache(Path(cache_dir) / f"detections-{engine.name}-{engine.version}-{digest}.sqlite")
         self.hits = self.misses = 0
 
     @property

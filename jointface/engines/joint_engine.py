@@ -90,9 +90,10 @@ class JointEngine(Engine):
 
     name = "jointface"
     default_threshold = 0.5
+    MAX_INPUT_SIZE = 640
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str = "cpu", bf16: bool = False,
-                 conf_threshold: float = 0.5, nms_iou: float = 0.4, input_size: int | None = None,
+                 conf_threshold: float = 0.7, nms_iou: float = 0.4, input_size: int | None = None,
                  max_faces: int = 100, channels_last: bool = False):
         import torch
 
@@ -119,7 +120,8 @@ class JointEngine(Engine):
         self.bf16 = bool(bf16)
         self.conf_threshold = float(conf_threshold)
         self.nms_iou = float(nms_iou)
-        self.input_size = int(input_size or self.record.input_size)
+        # None: chosen per batch from the image size (see network_input_size).
+        self.input_size = int(input_size) if input_size else None
         self.max_faces = int(max_faces)
         self.dim = self.record.embedding_dim
 
@@ -130,6 +132,20 @@ class JointEngine(Engine):
     @property
     def class_names(self) -> list[str]:
         return list(self.record.class_names)
+
+    def network_input_size(self, longer_side: int) -> int:
+        """Input size for an image whose longer side is ``longer_side`` pixels.
+
+        The network was trained on 320 px photos letterboxed to its input size
+        (half of it at 160), so faces are seen at about half their size in a
+        320 px photo. A larger photo is fed at half its longer side, rounded to
+        the stride (32) and kept between the training size and
+        :attr:`MAX_INPUT_SIZE`: a 2000 px group photo runs at 640, where its
+        faces have the scale the network learnt; the network is fully
+        convolutional, so only the grid grows.
+        """
+        half = 32 * round(longer_side / 2 / 32)
+        return int(min(max(half, self.record.input_size), max(self.MAX_INPUT_SIZE, self.record.input_size)))
 
     def classify(self, face: Face) -> str | None:
         """The training-set identity the classifier head gives a face (the study's way; None without one).
@@ -154,7 +170,8 @@ class JointEngine(Engine):
         if len(images) == 0:
             return []
         images = [check_image(image) for image in images]
-        placed = [letterbox(image, self.input_size) for image in images]
+        size = self.input_size or self.network_input_size(max(max(image.shape[:2]) for image in images))
+        placed = [letterbox(image, size) for image in images]
         batch = images_to_tensor([canvas for canvas, _ in placed], self.record.mean, self.record.std).to(self.device)
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
@@ -176,6 +193,7 @@ class JointEngine(Engine):
         return results
 
     def describe(self) -> dict:
-        return {**super().describe(), "backbone": self.record.backbone, "input_size": self.input_size,
+        return {**super().describe(), "backbone": self.record.backbone,
+                "input_size": self.input_size or f"auto ({self.record.input_size}-{self.MAX_INPUT_SIZE})",
                 "bf16": self.bf16, "channels_last": self.channels_last,
                 "conf_threshold": self.conf_threshold, "nms_iou": self.nms_iou, "weights": str(self.weights_path)}
