@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +37,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from filelock import FileLock, Timeout
-from sqlalchemy import delete, func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import delete, func, select
 
 from .errors import GalleryError, IndexCorruptError, PersonExistsError, PersonNotFoundError, StoreError
 from .models import FaceRow, GalleryState, Person

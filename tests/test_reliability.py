@@ -7,7 +7,6 @@ import io
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest

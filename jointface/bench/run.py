@@ -34,7 +34,7 @@ from jointface.service import enroll, identify
 
 from . import metrics, plots
 from .cache import CachingEngine, ResultCache, image_key
-from .protocols import default_shared_data, p1_split, p2_split, p3_pairs, pairs_without_p1
+from .protocols import default_shared_data, p1_split, p2_split, p3_pairs
 
 P1_SHORTER_SIDE = 320
 REPO = Path(__file__).resolve().parents[2]
