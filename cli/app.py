@@ -61,11 +61,6 @@ def handle_errors(func):
         except ValueError as exc:  # bad values that got past parsing (a NUL byte in a path, ...)
             err.print(f"error: {exc}", markup=False)
             raise typer.Exit(1)
-        except RuntimeError as exc:
-            if exc.__class__.__name__ in ("WeightsError", "DlibModelsMissing"):
-                err.print(f"error: {exc}", markup=False)
-                raise typer.Exit(1)
-            raise
 
     return wrapper
 

@@ -37,7 +37,7 @@ MODEL_FILES = {
 }
 
 
-class DlibModelsMissing(RuntimeError):
+class DlibModelsMissing(FileNotFoundError):
     pass
 
 
