@@ -501,7 +501,7 @@ def preprocess(
     root: Path = typer.Argument(..., help="The collection's folder."),
     layout: str = typer.Option("folder", "--layout", help="lfw, folder (one subfolder per person), fei, caltech "
                                                           "or gt (Georgia Tech)."),
-    out: Path = typer.Option(..., "--out", help="Labels file (JSON lines); rerun to continue."),
+    labels_out: Path = typer.Option(..., "--out", help="Labels file (JSON lines); rerun to continue."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Label only the first N images."),
 ) -> None:
     """Label a face collection with the dlib engine (box, identity, landmark box, teacher descriptor)."""
@@ -512,7 +512,7 @@ def preprocess(
     if not root.is_dir():
         raise CliError(f"{root}: not a folder")
     try:
-        summary = run_preprocess(root, layout, out, progress=err.is_terminal, limit=limit)
+        summary = run_preprocess(root, layout, labels_out, progress=err.is_terminal, limit=limit)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     for key in ("no_face", "several_faces", "unreadable", "unlabelled"):
@@ -522,8 +522,8 @@ def preprocess(
             for entry in entries[:20]:
                 err.print(f"  {entry}", markup=False)
             if len(entries) > 20:
-                err.print(f"  ... and {len(entries) - 20} more (see {out})", markup=False)
-    out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+                err.print(f"  ... and {len(entries) - 20} more (see {labels_out})", markup=False)
+    labels_out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     counts = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
     out.print(json.dumps(counts, indent=2), markup=False)
 

@@ -141,3 +141,21 @@ def test_in_process_runner(tmp_path):
     assert result.exit_code == 0 and "empty" in result.output
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and "jointface" in result.output
+
+
+def test_preprocess_and_organize_commands(run_cli, knn_dir, tmp_path):
+    """`preprocess` labels a folder-per-person tree and prints its counts; `organize` splits it."""
+    labels = tmp_path / "labels.jsonl"
+    result = run_cli("preprocess", knn_dir / "train", "--layout", "folder", "--out", labels, "--limit", "3")
+    assert result.returncode == 0, result.stderr
+    counts = json.loads(result.stdout)
+    assert counts["images"] == 3 and counts["newly_labelled"] == 3
+    assert len(labels.read_text().splitlines()) == 3
+    assert json.loads(labels.with_suffix(".summary.json").read_text())["images"] == 3
+    again = run_cli("preprocess", knn_dir / "train", "--layout", "folder", "--out", labels, "--limit", "3")
+    assert again.returncode == 0 and json.loads(again.stdout)["already_labelled"] == 3
+    organised = run_cli("organize", labels, tmp_path / "data")
+    assert organised.returncode == 0, organised.stderr
+    assert (tmp_path / "data" / "train.jsonl").is_file() and (tmp_path / "data" / "classes.json").is_file()
+    missing = run_cli("organize", tmp_path / "nope.jsonl", tmp_path / "data2")
+    assert missing.returncode == 1 and "preprocess" in missing.stderr

@@ -104,3 +104,15 @@ def test_nms_empty_and_batched():
     assert nms(boxes, scores, 0.5).tolist() == [0]
     # same boxes in different images never suppress each other
     assert sorted(batched_nms(boxes, scores, torch.tensor([0, 0, 1]), 0.5).tolist()) == [0, 2]
+
+
+def test_match_faces_small_faces_train_detection_only():
+    grid = AnchorGrid(torch.tensor([[20.0, 20.0], [40.0, 40.0]]), stride=32)
+    faces = FaceTargets(torch.tensor([[10.0, 10, 40, 45], [40.0, 40, 58, 62]]), torch.tensor([3, 4]),
+                        torch.ones(2, 128), torch.tensor([True, True]))
+    targets = match_faces([faces], grid, 2, 2, identity_min_size=20.0)
+    # the 30x35 face keeps its identity; the 18x22 face (shorter side 18 < 20) stays a detection target only
+    assert targets.num_faces == 2 and targets.objectness.sum() == 2
+    assert targets.identities.tolist() == [3, -1]
+    assert targets.teacher_valid.tolist() == [True, False]
+    assert match_faces([faces], grid, 2, 2).identities.tolist() == [3, 4]

@@ -110,3 +110,44 @@ def test_check_finite_names_the_term():
 def test_total_loss_uses_weights():
     losses = {"box": torch.tensor(2.0), "confidence": torch.tensor(3.0)}
     assert float(total_loss(losses, {"box": 5.0})) == 13.0
+
+
+def test_margin_ramp_zero_gives_plain_scaled_cosines():
+    torch.manual_seed(0)
+    embeddings = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    for kind in ("arcface", "cosface"):
+        head = MarginClassifier(8, 3, kind, scale=16.0, margin=0.4)
+        plain = head(embeddings)
+        head.ramp = 0.0
+        assert torch.allclose(head(embeddings, labels), plain, atol=1e-5)
+        head.ramp = 0.5
+        halfway = head(embeddings, labels)
+        cosine = head.cosine(embeddings)
+        true = torch.nn.functional.one_hot(labels, 3).bool()
+        if kind == "cosface":  # cos - m/2 on the true class only
+            assert torch.allclose(halfway[true], 16.0 * (cosine[true] - 0.2), atol=1e-5)
+        assert torch.allclose(halfway[~true], plain[~true], atol=1e-5)
+
+
+def test_distillation_loss_is_one_minus_cosine_to_the_centred_teacher():
+    from jointface.net.model import DistillationHead
+
+    mean = torch.linspace(-0.1, 0.1, 128)
+    head = DistillationHead(128, teacher_mean=mean)
+    with torch.no_grad():  # relu(x) - relu(-x) = x: the head becomes the identity map
+        eye = torch.eye(128)
+        head.mlp[0].weight.copy_(torch.cat((eye, -eye)))
+        head.mlp[0].bias.zero_()
+        head.mlp[2].weight.copy_(torch.cat((eye, -eye), dim=1))
+        head.mlp[2].bias.zero_()
+    torch.manual_seed(1)
+    teachers = mean + 0.05 * torch.randn(4, 128)
+    centred = teachers - mean
+    assert float(head.loss(centred * 3.0, teachers)) == pytest.approx(0.0, abs=1e-6)  # same direction, any length
+    assert float(head.loss(-centred, teachers)) == pytest.approx(2.0, abs=1e-6)
+    orthogonal = torch.zeros(4, 128)
+    orthogonal[:, 0] = centred[:, 1]
+    orthogonal[:, 1] = -centred[:, 0]
+    assert float(head.loss(orthogonal, teachers)) == pytest.approx(1.0, abs=1e-6)
+    assert torch.equal(head.state_dict()["teacher_mean"], mean)  # travels with the weights

@@ -219,3 +219,51 @@ def test_engine_refuses_pickled_code_and_foreign_files(tmp_path):
 def test_default_weights_path_env_override(tmp_path, monkeypatch):
     monkeypatch.setenv("JOINTFACE_WEIGHTS", str(tmp_path / "w.pt"))
     assert default_weights_path() == tmp_path / "w.pt"
+
+
+@pytest.mark.parametrize("backbone", ["resnet_tiny", "resnet18", "resnet50"])
+def test_batchnorm_folding_keeps_the_outputs(backbone):
+    from jointface.net.fuse import fuse_batchnorm
+
+    model = tiny_net(backbone=backbone)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # non-trivial running statistics and affine parameters everywhere
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
+    model.eval()
+    fused = fuse_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the reference is untouched
+    images = torch.randn(2, 3, 64, 96, generator=generator)
+    with torch.no_grad():
+        expected, got = model(images), fused(images)
+        got_channels_last = fused.to(memory_format=torch.channels_last)(
+            images.contiguous(memory_format=torch.channels_last))
+    for result in (got, got_channels_last):
+        assert torch.allclose(result.box_raw, expected.box_raw, atol=1e-3, rtol=1e-3)
+        assert torch.allclose(result.face_logits, expected.face_logits, atol=1e-3, rtol=1e-3)
+        assert torch.allclose(result.embeddings, expected.embeddings, atol=1e-4)
+
+
+def test_engine_fast_path_equals_reference_path(tmp_path):
+    """The default engine (BN folded, channels-last) against the plain fp32 network on the same image."""
+    model = tiny_net()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_var.fill_(2.0)
+                module.running_mean.fill_(0.1)
+    path = tmp_path / "tiny.pt"
+    _write_weights(path, model)
+    fast = JointEngine(weights=path, conf_threshold=0.0, max_faces=5)
+    reference = JointEngine(weights=path, conf_threshold=0.0, max_faces=5, fuse=False, channels_last=False)
+    assert fast.describe()["fused_batchnorm"] and not reference.describe()["fused_batchnorm"]
+    image = np.random.default_rng(3).integers(0, 255, (120, 90, 3), dtype=np.uint8)
+    for ref, quick in zip(reference.detect(image), fast.detect(image)):
+        assert np.allclose(ref.box, quick.box, atol=1e-2)
+        assert abs(ref.score - quick.score) < 1e-4
+        assert float(np.dot(ref.embedding, quick.embedding)) > 0.9999

@@ -132,6 +132,10 @@ def test_augmentation_is_deterministic_and_makes_mosaics(organised):
         assert 0 <= box[0] < box[2] <= 128 and 0 <= box[1] < box[3] <= 128 and 0 <= identity < len(classes)
     other_image, _ = dataset.render(0, seed=124)
     assert not np.array_equal(first_image, other_image)
+    cached = FaceDataset(records, 128, [0.5] * 3, [0.25] * 3, Augmentation(mosaic_probability=1.0), cache_images=True)
+    for _ in range(2):  # the first render fills the cache, the second reads it: both equal the uncached one
+        cached_image, cached_faces = cached.render(0, seed=123)
+        assert np.array_equal(cached_image, first_image) and cached_faces == first_faces
     sampler = PKBatchSampler(records, people=2, images_per_person=2, seed=5)
     assert sampler.batches(3) == PKBatchSampler(records, 2, 2, seed=5).batches(3)
     batch = sampler.batches(0)[0]
@@ -186,6 +190,21 @@ def test_resume_gives_the_same_next_step(organised, tmp_path):
     assert resumed.last_losses == pytest.approx(straight.last_losses, rel=1e-5, abs=1e-6)
     steps = (tmp_path / "resumed" / "steps.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in steps[1:]] == ["1", "2", "3"]
+
+
+def test_fast_training_options_resume_the_same(organised, tmp_path):
+    """channels-last, image cache, margin warm-up, small-face rule, sparse validation: resuming still replays."""
+    data_dir, _, _ = organised
+    options = dict(validate=False, channels_last=True, cache_images=True, margin_warmup_steps=4,
+                   identity_min_face=20.0, identity_heads=["cosface", "distill"])
+    straight = train(_config(data_dir, tmp_path / "straight", max_steps=3, **options))
+    train(_config(data_dir, tmp_path / "resumed", max_steps=2, **options))
+    resumed = train(_config(data_dir, tmp_path / "resumed", max_steps=3, **options))
+    assert resumed.last_losses == pytest.approx(straight.last_losses, rel=1e-4, abs=1e-5)
+    assert set(resumed.last_losses) >= {"identity_margin", "distill"}
+    assert loop.margin_ramp(TrainConfig(margin_warmup_steps=4), 1) == 0.25
+    assert loop.margin_ramp(TrainConfig(margin_warmup_steps=4), 9) == 1.0
+    assert loop.margin_ramp(TrainConfig(), 0) == 1.0
 
 
 def test_bf16_autocast_and_onecycle_schedule_resume(organised, tmp_path):

@@ -14,8 +14,9 @@ loop multiplies them by the configured weights and sums them
 * ``identity_ce``: cross-entropy of the linear classifier;
 * ``identity_margin``: cross-entropy of the ArcFace/CosFace logits;
 * ``triplet``: batch-hard triplet loss over the faces of the batch;
-* ``distill``: mean squared error between the distillation head's output and
-  the dlib teacher descriptor.
+* ``distill``: ``1 - cosine`` between the distillation head's output and the
+  dlib teacher descriptor minus the training faces' mean descriptor
+  (:meth:`DistillationHead.loss`).
 
 Identity terms use only matched faces with a known identity (and a teacher
 descriptor for ``distill``). With no such face every term is an exact 0 that
@@ -93,10 +94,9 @@ def joint_losses(output: JointOutput, targets: MatchedTargets, identity_heads: n
         losses["triplet"] = (triplet_batch_hard(known_embeddings, known_labels, triplet_margin)
                              + _zero_like_graph(embeddings))
     if "distill" in identity_heads:
-        with_teacher = targets.teacher_valid
-        predicted = identity_heads["distill"](face_embeddings[with_teacher])
-        losses["distill"] = (F.mse_loss(predicted, targets.teachers[with_teacher]) if bool(with_teacher.any())
-                             else _zero_like_graph(predicted))
+        head, with_teacher = identity_heads["distill"], targets.teacher_valid
+        losses["distill"] = (head.loss(face_embeddings[with_teacher], targets.teachers[with_teacher])
+                             if bool(with_teacher.any()) else _zero_like_graph(head(face_embeddings[with_teacher])))
     return losses
 
 

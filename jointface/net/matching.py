@@ -73,8 +73,14 @@ class MatchedTargets:
 
 
 def match_faces(faces: list[FaceTargets], anchor_grid: AnchorGrid, grid_h: int, grid_w: int,
-                ignore_iou: float = 0.5, device: torch.device | str = "cpu") -> MatchedTargets:
-    """Assign every face of every image to one anchor; see the module docstring."""
+                ignore_iou: float = 0.5, device: torch.device | str = "cpu",
+                identity_min_size: float = 0.0) -> MatchedTargets:
+    """Assign every face of every image to one anchor; see the module docstring.
+
+    Faces whose shorter side is below ``identity_min_size`` input pixels stay
+    detection targets but lose their identity and teacher (``-1`` / invalid):
+    a 20 px face in a mosaic tile carries too little of a person to learn from.
+    """
     anchors = anchor_grid(grid_h, grid_w)  # (N, 4) cxcywh
     anchor_boxes = cxcywh_to_xyxy(anchors)
     coder = BoxCoder(anchor_grid.stride)
@@ -105,9 +111,11 @@ def match_faces(faces: list[FaceTargets], anchor_grid: AnchorGrid, grid_h: int, 
             image_idx.append(image_index)
             anchor_idx.append(anchor)
             box_targets.append(coder.encode(boxes[face:face + 1], anchors[anchor:anchor + 1])[0])
-            identities.append(int(image_faces.identities[face]))
+            size = boxes[face, 2:] - boxes[face, :2]
+            recognisable = bool(size.min() >= identity_min_size)
+            identities.append(int(image_faces.identities[face]) if recognisable else -1)
             teachers.append(image_faces.teachers[face].float())
-            teacher_valid.append(bool(image_faces.teacher_valid[face]))
+            teacher_valid.append(bool(image_faces.teacher_valid[face]) and recognisable)
     count = len(anchor_idx)
     return MatchedTargets(
         objectness=objectness.to(device),

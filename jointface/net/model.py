@@ -182,6 +182,9 @@ class MarginClassifier(nn.Module):
         self.kind = kind
         self.scale = scale
         self.margin = margin if margin is not None else (0.5 if kind == "arcface" else 0.35)
+        #: share of the margin in use (the training loop ramps it from 0 to 1: a margin from the first
+        #: step of a network trained from scratch keeps every class out of reach and nothing is learnt)
+        self.ramp = 1.0
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
         nn.init.normal_(self.weight, std=0.01)
 
@@ -193,35 +196,52 @@ class MarginClassifier(nn.Module):
         if labels is None:
             return self.scale * cosine
         true_class = F.one_hot(labels, cosine.shape[1]).bool()
+        margin = self.margin * self.ramp
         if self.kind == "cosface":
-            adjusted = cosine - self.margin
+            adjusted = cosine - margin
         else:
             # cos(theta + m) = cos cos m - sin sin m, without acos (whose gradient blows up at cos = 1)
             sine = torch.sqrt((1.0 - cosine * cosine).clamp(min=1e-12))
-            with_margin = cosine * math.cos(self.margin) - sine * math.sin(self.margin)
+            with_margin = cosine * math.cos(margin) - sine * math.sin(margin)
             # past theta = pi - m, cos(theta + m) would rise again: fall off linearly instead (insightface)
-            adjusted = torch.where(cosine > math.cos(math.pi - self.margin), with_margin,
-                                   cosine - self.margin * math.sin(self.margin))
+            adjusted = torch.where(cosine > math.cos(math.pi - margin), with_margin,
+                                   cosine - margin * math.sin(margin))
         return self.scale * torch.where(true_class, adjusted, cosine)
 
 
 class DistillationHead(nn.Module):
-    """Regresses the dlib teacher's raw 128-d descriptor from an embedding: ``(M, D)`` -> ``(M, 128)``."""
+    """Predicts the direction of the dlib teacher's 128-d descriptor from an embedding: ``(M, D)`` -> ``(M, 128)``.
 
-    def __init__(self, embedding_dim: int, teacher_dim: int = 128, hidden: int = 256):
+    dlib's descriptors all lie in a narrow cone (two strangers have a cosine
+    of about 0.9), so regressing them raw teaches little: predicting their mean
+    already gives a tiny error. The target is therefore the teacher minus
+    ``teacher_mean`` (the mean descriptor of the training faces, a buffer that
+    travels with the head), and :meth:`loss` is ``1 - cosine`` to that.
+    """
+
+    def __init__(self, embedding_dim: int, teacher_dim: int = 128, hidden: int = 256,
+                 teacher_mean: torch.Tensor | None = None):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(embedding_dim, hidden), nn.ReLU(inplace=True),
                                  nn.Linear(hidden, teacher_dim))
+        mean = torch.zeros(teacher_dim) if teacher_mean is None else torch.as_tensor(teacher_mean).float()
+        self.register_buffer("teacher_mean", mean.reshape(teacher_dim).clone())
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         return self.mlp(embeddings)
+
+    def loss(self, embeddings: torch.Tensor, teachers: torch.Tensor) -> torch.Tensor:
+        """Mean ``1 - cos(prediction, teacher - teacher_mean)`` over ``(M, D)`` embeddings, ``(M, 128)`` teachers."""
+        target = teachers.float() - self.teacher_mean
+        return (1.0 - F.cosine_similarity(self(embeddings), target, dim=1, eps=1e-8)).mean()
 
 
 IDENTITY_HEAD_NAMES = ("classifier", "arcface", "cosface", "triplet", "distill")
 
 
 def build_identity_heads(names: Sequence[str], embedding_dim: int, num_classes: int,
-                         margin_scale: float = 30.0, margin: float | None = None) -> nn.ModuleDict:
+                         margin_scale: float = 30.0, margin: float | None = None,
+                         teacher_mean: torch.Tensor | None = None) -> nn.ModuleDict:
     """The trainable identity heads named in ``names`` (``triplet`` has no parameters)."""
     unknown = set(names) - set(IDENTITY_HEAD_NAMES)
     if unknown:
@@ -235,7 +255,7 @@ def build_identity_heads(names: Sequence[str], embedding_dim: int, num_classes: 
         if kind in names:
             heads["margin"] = MarginClassifier(embedding_dim, num_classes, kind, margin_scale, margin)
     if "distill" in names:
-        heads["distill"] = DistillationHead(embedding_dim)
+        heads["distill"] = DistillationHead(embedding_dim, teacher_mean=teacher_mean)
     return heads
 
 

@@ -34,6 +34,8 @@ class TrainConfig:
     margin_scale: float = 30.0
     margin: float | None = None              # default 0.5 (ArcFace) / 0.35 (CosFace)
     triplet_margin: float = 0.2
+    margin_warmup_steps: int = 0             # the ArcFace/CosFace margin grows from 0 to `margin` over these steps
+    identity_min_face: float = 0.0           # faces smaller than this (shorter side, input px) train detection only
     loss_weights: dict[str, float] = field(default_factory=lambda: {
         "box": 5.0, "confidence": 1.0, "identity_ce": 1.0, "identity_margin": 0.5, "triplet": 1.0, "distill": 10.0})
     ignore_iou: float = 0.5
@@ -60,10 +62,13 @@ class TrainConfig:
     bf16: bool = False                       # bf16 autocast (CPU or CUDA)
     num_workers: int = 0
     num_threads: int | None = None           # torch intra-op threads (None: torch's default)
+    channels_last: bool = False              # channels-last memory format (faster convolutions on CPU)
+    cache_images: bool = False               # keep decoded training photos in memory (about 0.3 MB each)
     seed: int = 0
     checkpoint_every: int = 200              # steps; also at the end of every epoch
     log_every: int = 10
     validate: bool = True
+    validate_every: int = 1                  # epochs between validations (the last epoch is always validated)
     conf_threshold: float = 0.3              # validation: a best face below this counts as "no face"
     progress: bool = True
     training_command: str = ""

@@ -168,8 +168,9 @@ class FaceDataset(Dataset):
     """
 
     def __init__(self, records: Sequence[FaceRecord], input_size: int, mean: Sequence[float], std: Sequence[float],
-                 augment: Augmentation | None = None):
+                 augment: Augmentation | None = None, cache_images: bool = False):
         self.records = list(records)
+        self._cache: dict[Path, np.ndarray] | None = {} if cache_images else None
         self.input_size = input_size
         self.mean, self.std = list(mean), list(std)
         self.augment = augment
@@ -178,6 +179,15 @@ class FaceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def _load(self, path: Path) -> np.ndarray:
+        """The decoded photo, from the in-memory cache when ``cache_images`` (each worker keeps its own)."""
+        if self._cache is None:
+            return load_image(path)
+        image = self._cache.get(path)
+        if image is None:
+            image = self._cache[path] = load_image(path)
+        return image
+
     def _faces(self, record: FaceRecord, box) -> list[tuple]:
         return [] if box is None else [(box, record.identity_idx, record.teacher)]
 
@@ -185,7 +195,7 @@ class FaceDataset(Dataset):
         """The uint8 ``(S, S, 3)`` image and its faces ``[(box, identity_idx, teacher)]``."""
         size, record = self.input_size, self.records[record_index]
         if self.augment is None:
-            canvas, placement = letterbox(load_image(record.image_path), size)
+            canvas, placement = letterbox(self._load(record.image_path), size)
             if record.box is None:
                 return canvas, []
             transform = (placement.scale, placement.pad_x, placement.pad_y)
@@ -204,7 +214,7 @@ class FaceDataset(Dataset):
         faces = []
         for (left, top, tile_w, tile_h), source in zip(tiles, sources):
             tile_record = self.records[source]
-            view, transform = _place(load_image(tile_record.image_path), tile_record.box, tile_w, tile_h,
+            view, transform = _place(self._load(tile_record.image_path), tile_record.box, tile_w, tile_h,
                                      augment.scale_jitter, rng)
             canvas[top:top + tile_h, left:left + tile_w] = view
             if tile_record.box is not None:

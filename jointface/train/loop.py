@@ -55,7 +55,8 @@ CHECKPOINT_FORMAT = "jointface-checkpoint"
 WEIGHTS_FORMAT = "jointface-weights"
 #: Runtime settings a resumed run takes from the new config rather than the checkpoint.
 RUNTIME_FIELDS = ("epochs", "max_steps", "device", "bf16", "num_workers", "num_threads", "progress",
-                  "checkpoint_every", "log_every", "validate", "out_dir", "data_dir")
+                  "checkpoint_every", "log_every", "validate", "validate_every", "out_dir", "data_dir",
+                  "channels_last", "cache_images")
 
 
 @dataclass
@@ -76,17 +77,33 @@ def resolve_device(name: str) -> torch.device:
 
 
 # ----------------------------------------------------------------------------- building blocks
-def build_model(config: TrainConfig, class_names: list[str],
-                anchor_sizes: list[list[float]]) -> tuple[JointNet, nn.ModuleDict]:
-    """A fresh JointNet (its record filled from the config) and its identity heads."""
+def build_model(config: TrainConfig, class_names: list[str], anchor_sizes: list[list[float]],
+                teacher_mean: torch.Tensor | None = None) -> tuple[JointNet, nn.ModuleDict]:
+    """A fresh JointNet (its record filled from the config) and its identity heads.
+
+    ``teacher_mean``: the mean dlib descriptor of the training faces (the distillation head's centre).
+    """
     record = ModelRecord(backbone=config.backbone, input_size=config.input_size, anchor_sizes=anchor_sizes,
                          embedding_dim=config.embedding_dim, neck_channels=config.neck_channels,
                          class_names=list(class_names), training_command=config.training_command,
                          training_data=config.data_dir)
     model = JointNet(record)
     heads = build_identity_heads(config.identity_heads, config.embedding_dim, len(class_names),
-                                 config.margin_scale, config.margin)
+                                 config.margin_scale, config.margin, teacher_mean)
     return model, heads
+
+
+def teacher_mean_of(records) -> torch.Tensor | None:
+    """Mean teacher descriptor over the records that have one (None when none has)."""
+    teachers = [r.teacher for r in records if r.teacher is not None and r.identity_idx >= 0]
+    return torch.tensor(teachers, dtype=torch.float32).mean(dim=0) if teachers else None
+
+
+def margin_ramp(config: TrainConfig, step: int) -> float:
+    """Share of the margin in use at ``step`` (linear from 0 over ``margin_warmup_steps``)."""
+    if config.margin_warmup_steps <= 0:
+        return 1.0
+    return min(1.0, step / config.margin_warmup_steps)
 
 
 def build_optimizer(config: TrainConfig, model: JointNet, heads: nn.ModuleDict) -> torch.optim.Optimizer:
@@ -124,9 +141,13 @@ def build_scheduler(config: TrainConfig, optimizer, total_steps: int):
 def compute_losses(model: JointNet, heads: nn.ModuleDict, images: torch.Tensor, faces, config: TrainConfig,
                    device: torch.device) -> dict[str, torch.Tensor]:
     """Forward one batch and return the named (unweighted) loss terms."""
+    images = images.to(device, non_blocking=True)
+    if config.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-        output = model(images.to(device, non_blocking=True))
-    targets = match_faces(faces, model.anchor_grid, *output.grid_size, ignore_iou=config.ignore_iou, device=device)
+        output = model(images)
+    targets = match_faces(faces, model.anchor_grid, *output.grid_size, ignore_iou=config.ignore_iou, device=device,
+                          identity_min_size=config.identity_min_face)
     return joint_losses(output, targets, heads, use_triplet="triplet" in config.identity_heads,
                         triplet_margin=config.triplet_margin)
 
@@ -294,7 +315,8 @@ def train(config: TrainConfig) -> TrainResult:
     augmentation = Augmentation(config.mosaic_probability, tuple(config.scale_jitter), config.colour_jitter,
                                 config.flip_probability)
     record_stub = ModelRecord()
-    train_set = FaceDataset(train_records, config.input_size, record_stub.mean, record_stub.std, augmentation)
+    train_set = FaceDataset(train_records, config.input_size, record_stub.mean, record_stub.std, augmentation,
+                            cache_images=config.cache_images)
     gallery_set = FaceDataset([r for r in train_records if not r.extra and r.identity_idx >= 0], config.input_size,
                               record_stub.mean, record_stub.std)
     test_set = FaceDataset(test_records, config.input_size, record_stub.mean, record_stub.std)
@@ -308,11 +330,13 @@ def train(config: TrainConfig) -> TrainResult:
         rounded = [[round(w), round(h)] for w, h in anchor_sizes]
         print(f"anchors (k-means over {len(box_sizes)} augmented faces): {rounded}, "
               f"mean best IoU {mean_best_iou(box_sizes, anchor_sizes):.3f}")
-    model, heads = build_model(config, class_names, anchor_sizes)
+    model, heads = build_model(config, class_names, anchor_sizes, teacher_mean_of(train_records))
     if checkpoint is None and config.init:
         load_torchvision_weights(config.init, model.backbone)
     model.to(device)
     heads.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
     (out_dir / "model_record.json").write_text(json.dumps(model.record.to_dict(), indent=2) + "\n")
 
     total_steps = config.epochs * len(sampler)
@@ -368,6 +392,8 @@ def train(config: TrainConfig) -> TrainResult:
             model.train()
             heads.train()
             for images, faces in loader:
+                if "margin" in heads:
+                    heads["margin"].ramp = margin_ramp(config, step)
                 losses = compute_losses(model, heads, images, faces, config, device)
                 check_finite(losses, step)
                 loss = total_loss(losses, weights)
@@ -393,7 +419,8 @@ def train(config: TrainConfig) -> TrainResult:
                     checkpoint_now(epoch, step_in_epoch)
             epoch_done = step_in_epoch >= len(sampler)
             if epoch_done:
-                if config.validate:
+                due = (epoch + 1) % max(1, config.validate_every) == 0 or epoch + 1 == config.epochs
+                if config.validate and due:
                     metrics = evaluate(model, heads, gallery_set, test_set, device, config.conf_threshold, config.bf16)
                     epochs_log.write({"epoch": epoch + 1, "step": step, "seconds": round(time.time() - started, 1),
                                       "train_loss": sum(epoch_losses) / max(1, len(epoch_losses)), **metrics})
