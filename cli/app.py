@@ -185,6 +185,9 @@ def search(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per image per line."),
     annotate: Optional[Path] = typer.Option(None, "--annotate", help="Write each photo with boxes and names "
                                                                      "into this folder."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, max=256, help="Photos read ahead and detected "
+                                                                          "together (same-size photos share "
+                                                                          "one network pass)."),
 ) -> None:
     """Find every face in each photo and say who it is (or unknown)."""
     from jointface.imageio import list_images
@@ -201,7 +204,8 @@ def search(
         err.print(f"engine {engine.name}, threshold {chosen.value:.3f} ({chosen.source})", markup=False)
         with progress_bar("searching") as progress:
             task = progress.add_task("searching", total=len(paths), current="")
-            for result, image in search_images(gallery, engine, paths, top_k=top_k, threshold=chosen.value):
+            for result, image in search_images(gallery, engine, paths, top_k=top_k, threshold=chosen.value,
+                                               batch_size=batch_size):
                 progress.update(task, advance=1, current=result.image.name)
                 failed += result.error is not None
                 if as_json:

@@ -1,0 +1,76 @@
+"""Batched detection in `search`: same answers as one photo at a time, in input order, failures kept in place."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from index import Gallery
+from jointface.engines import get_engine
+from jointface.engines.base import Engine, Face
+from jointface.imageio import load_image, resize_shorter_side
+from jointface.service import detect_grouped, search
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class CountingEngine(Engine):
+    """Finds one 'face' per image whose embedding encodes the image's mean colour; counts the calls."""
+
+    name, version, dim = "counting", "1", 4
+    default_threshold = 0.5
+
+    def __init__(self):
+        self.batches: list[int] = []
+
+    def detect(self, image):
+        self.batches.append(1)
+        return self._faces(image)
+
+    def detect_batch(self, images):
+        self.batches.append(len(images))
+        return [self._faces(image) for image in images]
+
+    def _faces(self, image):
+        vector = np.array([*image.reshape(-1, 3).mean(axis=0), 1.0], dtype=np.float32)
+        return [Face(box=(0.0, 0.0, float(image.shape[1]), float(image.shape[0])), score=0.9,
+                     embedding=vector / np.linalg.norm(vector), engine=self.name, engine_version=self.version)]
+
+
+def test_detect_grouped_batches_only_same_size_images_and_keeps_order():
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in
+              [(40, 30, 3), (50, 50, 3), (40, 30, 3), (40, 30, 3), (50, 50, 3), (20, 20, 3)]]
+    engine = CountingEngine()
+    grouped = detect_grouped(engine, images)
+    assert sorted(engine.batches) == [1, 2, 3]  # sizes: three 40x30, two 50x50, one 20x20
+    for image, faces in zip(images, grouped):
+        assert faces[0].box[2:] == (image.shape[1], image.shape[0])
+        assert np.allclose(faces[0].embedding, CountingEngine()._faces(image)[0].embedding)
+
+
+def test_search_batched_equals_one_at_a_time_with_the_joint_engine(lfw_dir, tmp_path):
+    people = sorted(p for p in lfw_dir.iterdir() if p.is_dir())[:60:6]
+    paths = [sorted(p.glob("*.jpg"))[0] for p in people]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    paths.insert(3, broken)
+    small = tmp_path / "small.png"  # another size: its own batch
+    from PIL import Image
+
+    Image.fromarray(resize_shorter_side(load_image(paths[0]), 180)).save(small)
+    paths.insert(6, small)
+    engine = get_engine("jointface")
+    with Gallery.open(tmp_path / "home") as gallery:
+        one = list(search(gallery, engine, paths, threshold=0.5, batch_size=1))
+        batched = list(search(gallery, engine, paths, threshold=0.5, batch_size=8))
+    assert [r.image for r, _ in one] == [r.image for r, _ in batched] == [Path(p) for p in paths]
+    for (single, _), (together, image) in zip(one, batched):
+        assert (single.error is None) == (together.error is None)
+        if single.error:
+            assert "broken.jpg" in together.error and image is None
+            continue
+        assert len(single.faces) == len(together.faces) >= 1
+        for a, b in zip(single.faces, together.faces):
+            assert np.allclose(a.box, b.box, atol=0.5) and abs(a.score - b.score) < 1e-3
