@@ -83,3 +83,23 @@ def test_bench_p1_subset_and_readme_report(run_cli, tmp_path, lfw_dir):
     text = readme.read_text()
     assert "old" not in text and "## P1" in text and "| dlib |" in text and text.endswith("rest\n")
     assert not update_readme(readme, out)  # idempotent
+
+
+def test_bench_p4_subset_profiles_the_joint_engine_steps(run_cli, tmp_path):
+    out = tmp_path / "results"
+    result = run_cli("--threads", "1", "bench", "p4", "--engine", "jointface", "--limit", "4", "--out", out,
+                     "--cache", tmp_path / "cache")
+    assert result.returncode == 0, result.stderr
+    data = json.loads((out / "p4.json").read_text())
+    assert data["config"]["single_images"] == 16 and data["config"]["mosaics"] == 4
+    rates = {name: row["images_per_second"] for name, row in data["figures"].items()}
+    assert set(rates) == {f"{kind}: jointface, {mode}" for kind in ("single_320", "mosaic_640")
+                          for mode in ("single image", "batch 8")}
+    assert all(rate > 0 for rate in rates.values())
+    profile = data["step_profile_ms_per_image"]["jointface"]
+    for steps in profile.values():
+        assert set(steps) == {"letterbox", "normalise", "network", "decode_nms", "to_faces", "gallery_search"}
+        assert steps["network"] > 0 and all(value >= 0 for value in steps.values())
+    # the 640 px mosaics run the network at 320 px input: their network step costs more than a single photo's
+    assert profile["mosaic_640"]["network"] > profile["single_320"]["network"]
+    assert "milliseconds per image in each step" in (out / "p4.md").read_text()

@@ -381,6 +381,14 @@ def markdown_for(result: dict) -> str:
     else:
         columns, formats = None, {}
     table = plots.markdown_table(figures, columns=columns, formats=formats, row_header="engine")
+    profiles = result.get("step_profile_ms_per_image") or {}
+    if profiles:  # P4: where the joint engine's time goes
+        rows = {f"{input_name}: {engine}": steps for engine, by_input in profiles.items()
+                for input_name, steps in by_input.items()}
+        steps = list(dict.fromkeys(step for row in rows.values() for step in row))
+        table += ("\n\nJoint engine, batch of 8, milliseconds per image in each step:\n\n"
+                  + plots.markdown_table(rows, columns=steps, formats={s: "{:.2f}" for s in steps},
+                                         row_header="input: engine"))
     subset = result.get("config", {}).get("subset")
     note = f"\n\nSubset run: {subset} (not the full protocol).\n" if subset else "\n"
     return f"## {protocol}\n\n{table}{note}"

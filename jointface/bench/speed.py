@@ -26,6 +26,7 @@ import numpy as np
 
 from index import Gallery
 from jointface.engines import Engine, get_engine
+from jointface.engines.joint_engine import JointEngine
 from jointface.imageio import load_image
 from jointface.service import enroll, identify
 
@@ -95,6 +96,17 @@ def _pipeline_batched(engine: Engine, gallery: Gallery, images: Sequence[np.ndar
     return found
 
 
+def profile_steps(engine: Engine, gallery: Gallery, images: Sequence[np.ndarray], batch: int = BATCH) -> dict:
+    """Milliseconds per image in each step of the joint engine's pipeline (batched), gallery search included."""
+    timings: dict[str, float] = {}
+    for start in range(0, len(images), batch):
+        for faces in engine.detect_batch(images[start:start + batch], timings=timings):
+            began = time.perf_counter()
+            identify(gallery, engine, faces, top_k=1, threshold=engine.default_threshold)
+            timings["gallery_search"] = timings.get("gallery_search", 0.0) + time.perf_counter() - began
+    return {step: 1000 * seconds / len(images) for step, seconds in timings.items()}
+
+
 def run_p4(engines: Sequence[Engine], ctx, out_dir: Path | None = None) -> dict:
     import torch
 
@@ -138,7 +150,12 @@ def run_p4(engines: Sequence[Engine], ctx, out_dir: Path | None = None) -> dict:
                                   lambda ims, e=engine, g=gallery: _pipeline_single(e, g, ims)))
                 pipelines.append((f"{engine.name}, batch {BATCH}",
                                   lambda ims, e=engine, g=gallery: _pipeline_batched(e, g, ims)))
+        profiles: dict[str, dict] = {}
         try:
+            for engine in engines:  # where the joint engine's time goes, step by step (after the warm-up)
+                if isinstance(engine, JointEngine):
+                    profiles[engine.name] = {name: profile_steps(engine, galleries[engine.name], images)
+                                             for name, images in inputs.items()}
             for input_name, images in inputs.items():
                 rounds = np.array_split(np.arange(len(images)), ROUNDS)
                 for round_index, chosen in enumerate(rounds):
@@ -166,7 +183,7 @@ def run_p4(engines: Sequence[Engine], ctx, out_dir: Path | None = None) -> dict:
                 "faces_per_image": faces_found[input_name][name] / len(images),
                 "ratio_to_dlib_2_processes": rate / baseline if baseline else None,
             }
-    return {"protocol": "P4", "figures": figures,
+    return {"protocol": "P4", "figures": figures, "step_profile_ms_per_image": profiles,
             "config": {"single_images": len(singles), "mosaics": len(mosaics), "rounds": ROUNDS, "batch": BATCH,
                        "torch_threads": torch.get_num_threads(), "decode_ms_per_image": decode_ms,
                        "resize_ms_per_image": resize_ms, "subset": ctx.limit}}

@@ -172,22 +172,44 @@ class JointEngine(Engine):
     def detect(self, image: np.ndarray) -> list[Face]:
         return self.detect_batch([image])[0]
 
-    def detect_batch(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
+    def detect_batch(self, images: Sequence[np.ndarray], timings: dict[str, float] | None = None
+                     ) -> list[list[Face]]:
+        """Every face of each image (one network pass for the batch).
+
+        ``timings``, when given, accumulates the seconds spent in each step:
+        ``letterbox`` (resize + pad), ``normalise`` (to a float tensor),
+        ``network``, ``decode_nms`` (box decoding, threshold, NMS) and
+        ``to_faces`` (back to image pixels); P4 reports them.
+        """
+        import time
+
         import torch
 
         from jointface.net.model import images_to_tensor, letterbox, postprocess
 
         if len(images) == 0:
             return []
+        clock = {"now": time.perf_counter()}
+
+        def lap(step: str) -> None:
+            now = time.perf_counter()
+            if timings is not None:
+                timings[step] = timings.get(step, 0.0) + now - clock["now"]
+            clock["now"] = now
+
         images = [check_image(image) for image in images]
         size = self.input_size or self.network_input_size(max(max(image.shape[:2]) for image in images))
         placed = [letterbox(image, size) for image in images]
+        lap("letterbox")
         batch = images_to_tensor([canvas for canvas, _ in placed], self.record.mean, self.record.std).to(self.device)
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
+        lap("normalise")
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             output = self.model(batch)
+        lap("network")
         detections = postprocess(output, self.model.anchor_grid, self.conf_threshold, self.nms_iou, self.max_faces)
+        lap("decode_nms")
         results = []
         for image, (_, placement), found in zip(images, placed, detections):
             height, width = image.shape[:2]
@@ -200,6 +222,7 @@ class JointEngine(Engine):
                 for box, score, embedding in zip(boxes, scores, embeddings)
                 if box[2] > box[0] and box[3] > box[1]
             ])
+        lap("to_faces")
         return results
 
     def describe(self) -> dict:
