@@ -75,7 +75,7 @@ def open_gallery(ctx: typer.Context, *, upgrade: bool = True):
     config = settings(ctx)
     return Gallery.open(config.home, config.db_url, notify=lambda message: err.print(f"note: {message}",
                                                                                       markup=False),
-                        upgrade=upgrade)
+                        upgrade=upgrade, index_kind=config.index_kind)
 
 
 def load_engine(ctx: typer.Context):
@@ -108,10 +108,18 @@ def main_options(
     engine: Optional[str] = typer.Option(None, "--engine", help="Face engine: jointface or dlib (default: "
                                                                 "jointface when its weights are present)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for the network."),
+    index_kind: Optional[str] = typer.Option(None, "--index-kind", help="Vector index: auto (exact search below "
+                                                                        "100,000 faces, IVF above), flat, ivf or "
+                                                                        "hnsw ($JOINTFACE_INDEX_KIND)."),
     version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
-    ctx.obj = Settings.resolve(home=home, db_url=db_url, engine=engine, threads=threads)
+    from index.vectors import INDEX_KINDS
+
+    if index_kind is not None and index_kind not in INDEX_KINDS:
+        raise typer.BadParameter(f"unknown index kind {index_kind!r}; choose one of {', '.join(INDEX_KINDS)}",
+                                 param_hint="--index-kind")
+    ctx.obj = Settings.resolve(home=home, db_url=db_url, engine=engine, threads=threads, index_kind=index_kind)
 
 
 # -- enroll ------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Resolved from (first wins) command-line flags, environment variables
 (``JOINTFACE_HOME``, ``JOINTFACE_DB_URL``, ``JOINTFACE_ENGINE``,
-``JOINTFACE_THREADS``) and defaults. Nothing is read at import time.
+``JOINTFACE_THREADS``, ``JOINTFACE_INDEX_KIND``) and defaults. Nothing is read at import time.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ class Settings:
     db_url: str | None
     engine: str | None
     threads: int | None
+    index_kind: str = "auto"
 
     @classmethod
     def resolve(cls, home: str | os.PathLike | None = None, db_url: str | None = None, engine: str | None = None,
-                threads: int | None = None) -> "Settings":
+                threads: int | None = None, index_kind: str | None = None) -> "Settings":
         env = os.environ
         home_value = home or env.get("JOINTFACE_HOME")
         threads_value = threads if threads is not None else env.get("JOINTFACE_THREADS")
@@ -36,6 +37,7 @@ class Settings:
             db_url=db_url or env.get("JOINTFACE_DB_URL") or None,
             engine=engine or env.get("JOINTFACE_ENGINE") or None,
             threads=int(threads_value) if threads_value not in (None, "") else None,
+            index_kind=index_kind or env.get("JOINTFACE_INDEX_KIND") or "auto",
         )
 
     def engine_name(self) -> str:

@@ -159,3 +159,27 @@ def test_preprocess_and_organize_commands(run_cli, knn_dir, tmp_path):
     assert (tmp_path / "data" / "train.jsonl").is_file() and (tmp_path / "data" / "classes.json").is_file()
     missing = run_cli("organize", tmp_path / "nope.jsonl", tmp_path / "data2")
     assert missing.returncode == 1 and "preprocess" in missing.stderr
+
+
+def test_index_kind_option(run_cli, knn_home_copy, knn_dir):
+    from index.vectors import VectorIndex
+
+    rebuilt = run_cli("--engine", "dlib", "--index-kind", "hnsw", "index", "rebuild", home=knn_home_copy)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert VectorIndex.load(knn_home_copy / "index-dlib.jfidx").kind == "hnsw"
+    found = run_cli("--engine", "dlib", "--index-kind", "hnsw", "search", "--json",
+                    knn_dir / "test" / "obama_and_biden.jpg", home=knn_home_copy)
+    assert found.returncode == 0, found.stderr
+    names = {face["identity"] for face in json.loads(found.stdout)["faces"]}
+    assert {"obama", "biden"} <= names
+    # an explicit kind replaces an index of another kind (with a note); auto keeps what is there
+    photo = knn_dir / "test" / "obama_and_biden.jpg"
+    flat = run_cli("--engine", "dlib", "--index-kind", "flat", "search", photo, home=knn_home_copy)
+    assert flat.returncode == 0 and "hnsw" in flat.stderr
+    assert VectorIndex.load(knn_home_copy / "index-dlib.jfidx").kind == "flat"
+    env_kind = run_cli("--engine", "dlib", "search", photo, home=knn_home_copy, env={"JOINTFACE_INDEX_KIND": "ivf"})
+    assert env_kind.returncode == 0 and VectorIndex.load(knn_home_copy / "index-dlib.jfidx").kind == "ivf"
+    kept = run_cli("--engine", "dlib", "search", photo, home=knn_home_copy)
+    assert kept.returncode == 0 and VectorIndex.load(knn_home_copy / "index-dlib.jfidx").kind == "ivf"
+    bad = run_cli("--index-kind", "bogus", "people", "list", home=knn_home_copy)
+    assert bad.returncode == 2 and "bogus" in bad.stderr
