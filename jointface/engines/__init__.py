@@ -48,8 +48,22 @@ def _make_joint_fast(**options) -> Engine:
     return engine
 
 
+def _make_joint_reference(**options) -> Engine:
+    """The joint network exactly as trained: fp32, BatchNorm unfolded, plain memory layout.
+
+    The reference that the default ``jointface`` path (BatchNorm folded,
+    channels-last) is checked against, in the tests and in P1.
+    """
+    from .joint_engine import JointEngine
+
+    engine = JointEngine(fuse=False, channels_last=False, **options)
+    engine.name = "jointface-reference"
+    return engine
+
+
 _FACTORIES: dict[str, Callable[..., Engine]] = {"dlib": _make_dlib, "dlib-cnn": _make_dlib_cnn,
                                                 "jointface": _make_joint,
+                                                "jointface-reference": _make_joint_reference,
                                                 "jointface-bf16": _make_joint_fast}
 _INSTANCES: dict[tuple, Engine] = {}
 _LOCK = threading.Lock()
