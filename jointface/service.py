@@ -81,9 +81,14 @@ def choose_face(faces: Sequence[Face], choice: str = "single") -> tuple[Face | N
     return max(faces, key=lambda face: face.area), ""
 
 
+#: ``enroll`` detects faces in groups of this many photos (:func:`detect_grouped`).
+DETECT_BATCH = 8
+
+
 def enroll(gallery: Gallery, engine: Engine, items: Iterable[tuple[str, Path]], *, largest: bool = False,
            choice: str | None = None, batch_size: int = 16, loader: Loader = load_image,
-           on_progress: Callable[[EnrollOutcome], None] | None = None) -> EnrollReport:
+           on_progress: Callable[[EnrollOutcome], None] | None = None,
+           detect_batch: int = DETECT_BATCH) -> EnrollReport:
     """Enrol ``(person name, image path)`` pairs; one transaction per batch of images.
 
     Images are checked in this order: the person's name, the file (missing,
@@ -91,11 +96,16 @@ def enroll(gallery: Gallery, engine: Engine, items: Iterable[tuple[str, Path]], 
     content already enrolled for this person with this engine: skipped
     without running the detector), then the faces (none, or several without
     ``largest``). ``choice`` (see :data:`CHOICES`) overrides ``largest``;
-    ``loader`` turns a path into pixels (benchmarks resize there).
+    ``loader`` turns a path into pixels (benchmarks resize there). Photos
+    that pass the checks are detected ``detect_batch`` at a time
+    (same-size photos share one network pass; the answers are those of
+    one photo at a time). ``on_progress`` hears of each photo as it is
+    settled; the report lists them in input order.
     """
     choice = choice or ("largest" if largest else "single")
     report = EnrollReport()
     pending: list[tuple[EnrollOutcome, NewFace]] = []
+    to_detect: list[tuple[EnrollOutcome, str, Path, np.ndarray, str]] = []
 
     def finish(outcome: EnrollOutcome) -> None:
         report.outcomes.append(outcome)
@@ -114,10 +124,36 @@ def enroll(gallery: Gallery, engine: Engine, items: Iterable[tuple[str, Path]], 
             finish(outcome)
         pending.clear()
 
+    # copies of a photo queued behind the same photo for the same person: settled with it
+    waiting: dict[tuple[str, str], list[EnrollOutcome]] = {}
+
+    def detect_queued() -> None:
+        found = detect_grouped(engine, [image for _, _, _, image, _ in to_detect])
+        for (outcome, person, path, _, sha), faces in zip(to_detect, found):
+            face, problem = choose_face(faces, choice)
+            copies = waiting.pop((person, sha), [])
+            if face is None:
+                known.discard((person, sha))  # not enrolled: a later copy is tried again
+                for failed in [outcome, *copies]:  # the same pixels: the same answer
+                    failed.message = problem
+                    finish(failed)
+                continue
+            for copy in copies:
+                copy.status, copy.message = SKIPPED, "already enrolled for this person"
+                finish(copy)
+            pending.append((outcome, NewFace(person=person, embedding=face.embedding, box=face.box,
+                                             score=face.score, source_path=str(path.resolve()),
+                                             source_sha256=sha)))
+            if len(pending) >= batch_size:
+                flush()
+        to_detect.clear()
+
     known = _enrolled_hashes(gallery, engine.name)
-    for person, path in items:
+    order: dict[int, int] = {}
+    for position, (person, path) in enumerate(items):
         path = Path(path)
         outcome = EnrollOutcome(person=person, path=path, status=FAILED)
+        order[id(outcome)] = position
         try:
             person = outcome.person = validate_person_name(person)
             image = loader(path)
@@ -126,21 +162,21 @@ def enroll(gallery: Gallery, engine: Engine, items: Iterable[tuple[str, Path]], 
             outcome.message = str(exc)
             finish(outcome)
             continue
+        if (person, sha) in waiting:  # the same photo is queued for detection already
+            waiting[(person, sha)].append(outcome)
+            continue
         if (person, sha) in known:
             outcome.status, outcome.message = SKIPPED, "already enrolled for this person"
             finish(outcome)
             continue
-        face, problem = choose_face(engine.detect(image), choice)
-        if face is None:
-            outcome.message = problem
-            finish(outcome)
-            continue
         known.add((person, sha))
-        pending.append((outcome, NewFace(person=person, embedding=face.embedding, box=face.box, score=face.score,
-                                         source_path=str(path.resolve()), source_sha256=sha)))
-        if len(pending) >= batch_size:
-            flush()
+        waiting[(person, sha)] = []
+        to_detect.append((outcome, person, path, image, sha))
+        if len(to_detect) >= max(1, detect_batch):
+            detect_queued()
+    detect_queued()
     flush()
+    report.outcomes.sort(key=lambda outcome: order[id(outcome)])
     return report
 
 

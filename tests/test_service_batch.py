@@ -74,3 +74,31 @@ def test_search_batched_equals_one_at_a_time_with_the_joint_engine(lfw_dir, tmp_
         assert len(single.faces) == len(together.faces) >= 1
         for a, b in zip(single.faces, together.faces):
             assert np.allclose(a.box, b.box, atol=0.5) and abs(a.score - b.score) < 1e-3
+
+
+def test_enroll_batched_equals_one_at_a_time_and_keeps_input_order(lfw_dir, tmp_path):
+    from jointface.service import ENROLLED, FAILED, SKIPPED, enroll
+
+    people = sorted(p for p in lfw_dir.iterdir() if p.is_dir())[:45:5]
+    items = [(p.name, sorted(p.glob("*.jpg"))[0]) for p in people]
+    items.insert(2, ("Someone", tmp_path / "missing.jpg"))
+    items.insert(5, items[4])  # the same photo twice in one detection group: the second is skipped
+    engine = get_engine("jointface")
+    reports, answers = {}, {}
+    for detect_batch in (1, 8):
+        with Gallery.open(tmp_path / f"home{detect_batch}") as gallery:
+            reports[detect_batch] = enroll(gallery, engine, items, choice="best", detect_batch=detect_batch,
+                                           batch_size=3)
+            results = list(search(gallery, engine, [path for _, path in items if path.exists()], threshold=0.0,
+                                  top_k=1))
+            answers[detect_batch] = [(face.identity, round(face.similarity, 4)) for r, _ in results
+                                     for face in r.faces[:1]]
+    one, batched = reports[1], reports[8]
+    assert [o.path for o in batched.outcomes] == [Path(path) for _, path in items]  # input order
+    assert [o.status for o in one.outcomes] == [o.status for o in batched.outcomes]
+    assert batched.outcomes[2].status == FAILED
+    # the copy shares the fate of its original: skipped when that was enrolled, the same failure otherwise
+    original, copy = batched.outcomes[4], batched.outcomes[5]
+    assert (original.status, copy.status) in ((ENROLLED, SKIPPED), (FAILED, FAILED))
+    assert [o.message for o in one.outcomes] == [o.message for o in batched.outcomes]
+    assert answers[1] == answers[8]  # the same embeddings were stored
