@@ -213,7 +213,7 @@ def search(
         with progress_bar("searching") as progress:
             task = progress.add_task("searching", total=len(paths), current="")
             for result, image in search_images(gallery, engine, paths, top_k=top_k, threshold=chosen.value,
-                                               batch_size=batch_size):
+                                               batch_size=batch_size, reduced_decoding=annotate is None):
                 progress.update(task, advance=1, current=result.image.name)
                 failed += result.error is not None
                 if as_json:

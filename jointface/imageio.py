@@ -142,6 +142,24 @@ def load_image(path: str | os.PathLike, *, max_size: int | None = None) -> np.nd
         raise ImageLoadError(f"{path}: not enough memory to decode this image") from exc
 
 
+def load_image_reduced(path: str | os.PathLike, max_side: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`load_image` at a longer side of at most ``max_side`` (JPEG draft decoding), and the full size.
+
+    Returns ``(image, (width, height))``: the reduced upright image and the
+    size of the full upright photo, so that coordinates found in ``image``
+    scale back by ``width / image.shape[1]``.
+    """
+    image = load_image(path, max_size=max_side)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with _open_header(Path(path)) as header:
+            width, height = header.size
+            orientation = header.getexif().get(0x0112, 1)  # EXIF Orientation
+    if orientation in (5, 6, 7, 8):  # stored rotated by 90 degrees: upright swaps the sides
+        width, height = height, width
+    return image, (width, height)
+
+
 def list_images(inputs: list[str | os.PathLike], *, recursive: bool = True) -> list[Path]:
     """Expand files and folders into a sorted list of image paths.
 

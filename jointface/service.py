@@ -17,7 +17,7 @@ from index import Gallery
 from index.gallery import NewFace, validate_person_name
 
 from .engines import Engine, Face
-from .imageio import ImageLoadError, list_images, load_image
+from .imageio import ImageLoadError, list_images, load_image, load_image_reduced
 
 ENROLLED, SKIPPED, FAILED = "enrolled", "skipped", "failed"
 
@@ -274,39 +274,59 @@ def detect_grouped(engine: Engine, images: Sequence[np.ndarray]) -> list[list[Fa
 BATCH_PIXEL_BUDGET = 60_000_000
 
 
+def _scaled(face: Face, scale: float) -> Face:
+    return Face(box=tuple(v * scale for v in face.box), score=face.score, embedding=face.embedding,
+                engine=face.engine, engine_version=face.engine_version)
+
+
 def search(gallery: Gallery, engine: Engine, paths: Iterable[Path], *, top_k: int = 3,
-           threshold: float, loader: Loader = load_image,
-           batch_size: int = 8) -> Iterator[tuple[ImageResult, np.ndarray | None]]:
+           threshold: float, loader: Loader = load_image, batch_size: int = 8,
+           reduced_decoding: bool = False) -> Iterator[tuple[ImageResult, np.ndarray | None]]:
     """Every face of every image, identified; yields ``(result, image array or None)`` in input order.
 
     Faces come highest detection score first. Up to ``batch_size`` photos (and
     at most :data:`BATCH_PIXEL_BUDGET` decoded pixels) are read ahead and
     detected together (:func:`detect_grouped`); ``batch_size=1`` detects one
     photo at a time.
+
+    ``reduced_decoding``: photos larger than the engine's
+    ``max_useful_side`` are decoded at that size (JPEG draft mode: several
+    times faster for camera photos) and the boxes are scaled back to the
+    full photo, so results keep full-size coordinates; the yielded image is
+    then the reduced one (draw on it only after dividing boxes by
+    ``result.size[0] / image.shape[1]``). Ignored for engines that use every
+    pixel, or with a custom ``loader``.
     """
-    def answer(chunk: list[tuple[Path, np.ndarray | None, str | None]]):
-        loaded = [image for _, image, _ in chunk if image is not None]
+    max_side = engine.max_useful_side if reduced_decoding and loader is load_image else None
+
+    def answer(chunk: list[tuple[Path, np.ndarray | None, str | None, float, tuple[int, int] | None]]):
+        loaded = [image for _, image, _, _, _ in chunk if image is not None]
         found = iter(detect_grouped(engine, loaded))
-        for path, image, error in chunk:
+        for path, image, error, scale, size in chunk:
             if image is None:
                 yield ImageResult(image=path, faces=[], error=error), None
                 continue
             faces = next(found)
+            if scale != 1.0:
+                faces = [_scaled(face, scale) for face in faces]
             result = ImageResult(image=path, faces=identify(gallery, engine, faces, top_k=top_k,
-                                                            threshold=threshold),
-                                 size=(image.shape[1], image.shape[0]))
+                                                            threshold=threshold), size=size)
             yield result, image
 
-    chunk: list[tuple[Path, np.ndarray | None, str | None]] = []
+    chunk: list[tuple[Path, np.ndarray | None, str | None, float, tuple[int, int] | None]] = []
     pixels = 0
     for path in paths:
         path = Path(path)
         try:
-            image = loader(path)
+            if max_side:
+                image, size = load_image_reduced(path, max_side)
+            else:
+                image = loader(path)
+                size = (image.shape[1], image.shape[0])
         except ImageLoadError as exc:
-            chunk.append((path, None, str(exc)))
+            chunk.append((path, None, str(exc), 1.0, None))
         else:
-            chunk.append((path, image, None))
+            chunk.append((path, image, None, size[0] / image.shape[1], size))
             pixels += image.shape[0] * image.shape[1]
         if len(chunk) >= max(1, batch_size) or pixels >= BATCH_PIXEL_BUDGET:
             yield from answer(chunk)

@@ -103,3 +103,5 @@ def test_bench_p4_subset_profiles_the_joint_engine_steps(run_cli, tmp_path):
     # the 640 px mosaics run the network at 320 px input: their network step costs more than a single photo's
     assert profile["mosaic_640"]["network"] > profile["single_320"]["network"]
     assert "milliseconds per image in each step" in (out / "p4.md").read_text()
+    decoding = data["camera_photo_decoding"]
+    assert decoding["full_ms"] > decoding["reduced_ms"] > 0 and decoding["max_side"] == 1280

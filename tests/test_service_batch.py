@@ -102,3 +102,28 @@ def test_enroll_batched_equals_one_at_a_time_and_keeps_input_order(lfw_dir, tmp_
     assert (original.status, copy.status) in ((ENROLLED, SKIPPED), (FAILED, FAILED))
     assert [o.message for o in one.outcomes] == [o.message for o in batched.outcomes]
     assert answers[1] == answers[8]  # the same embeddings were stored
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_reduced_decoding_gives_full_size_boxes(knn_dir, tmp_path, orientation):
+    """A 3000 px camera-like JPEG searched with draft decoding: the same faces, boxes in full-size pixels."""
+    from PIL import Image
+
+    photo = Image.open(knn_dir / "test" / "obama_and_biden.jpg").convert("RGB")
+    big = photo.resize((3000, round(3000 * photo.height / photo.width)), Image.Resampling.BICUBIC)
+    if orientation == 6:  # stored rotated, with the EXIF tag saying so: upright is the original again
+        big = big.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "big.jpg"
+    big.save(path, quality=92, exif=exif)
+    engine = get_engine("jointface")
+    with Gallery.open(tmp_path / "home") as gallery:
+        (full, full_image), = search(gallery, engine, [path], threshold=0.5)
+        (reduced, reduced_image), = search(gallery, engine, [path], threshold=0.5, reduced_decoding=True)
+    assert full_image.shape[1] == 3000 and max(reduced_image.shape[:2]) == engine.max_useful_side
+    assert full.size == reduced.size == (full_image.shape[1], full_image.shape[0])
+    assert len(full.faces) == len(reduced.faces) >= 2
+    for a, b in zip(sorted(full.faces, key=lambda f: f.box), sorted(reduced.faces, key=lambda f: f.box)):
+        width = a.box[2] - a.box[0]
+        assert np.allclose(a.box, b.box, atol=0.05 * width)  # within 5% of the face size, in full-size pixels

@@ -389,6 +389,11 @@ def markdown_for(result: dict) -> str:
         table += ("\n\nJoint engine, batch of 8, milliseconds per image in each step:\n\n"
                   + plots.markdown_table(rows, columns=steps, formats={s: "{:.2f}" for s in steps},
                                          row_header="input: engine"))
+    decoding = result.get("camera_photo_decoding")
+    if decoding:
+        table += (f"\n\nDecoding a {decoding['size'][0]}x{decoding['size'][1]} JPEG: {decoding['full_ms']:.0f} ms in "
+                  f"full, {decoding['reduced_ms']:.0f} ms at a longer side of {decoding['max_side']} px (draft "
+                  f"mode, what `search` does for the joint engine).")
     subset = result.get("config", {}).get("subset")
     note = f"\n\nSubset run: {subset} (not the full protocol).\n" if subset else "\n"
     return f"## {protocol}\n\n{table}{note}"

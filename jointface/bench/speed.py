@@ -107,6 +107,25 @@ def profile_steps(engine: Engine, gallery: Gallery, images: Sequence[np.ndarray]
     return {step: 1000 * seconds / len(images) for step, seconds in timings.items()}
 
 
+def camera_photo_decode_ms(tile: np.ndarray, max_side: int, repeats: int = 5) -> dict:
+    """Decoding a 12 MP camera-sized JPEG (4000x3000, made from ``tile``) in full and at ``max_side`` (draft)."""
+    from PIL import Image
+
+    from jointface.imageio import load_image_reduced
+
+    with tempfile.TemporaryDirectory(prefix="jointface-p4-decode-") as scratch:
+        path = Path(scratch) / "camera.jpg"
+        Image.fromarray(tile).resize((4000, 3000), Image.Resampling.BILINEAR).save(path, quality=90)
+        timings = {"full": [], "reduced": []}
+        for _ in range(repeats):
+            for name, load in (("full", lambda: load_image(path)), ("reduced", lambda: load_image_reduced(path, max_side))):
+                start = time.perf_counter()
+                load()
+                timings[name].append(1000 * (time.perf_counter() - start))
+    return {"size": [4000, 3000], "max_side": max_side,
+            **{f"{name}_ms": float(np.median(values)) for name, values in timings.items()}}
+
+
 def run_p4(engines: Sequence[Engine], ctx, out_dir: Path | None = None) -> dict:
     import torch
 
@@ -183,7 +202,10 @@ def run_p4(engines: Sequence[Engine], ctx, out_dir: Path | None = None) -> dict:
                 "faces_per_image": faces_found[input_name][name] / len(images),
                 "ratio_to_dlib_2_processes": rate / baseline if baseline else None,
             }
+    joint = [engine for engine in engines if engine.max_useful_side]
+    decoding = camera_photo_decode_ms(mosaics[0], joint[0].max_useful_side) if joint and mosaics else None
     return {"protocol": "P4", "figures": figures, "step_profile_ms_per_image": profiles,
+            "camera_photo_decoding": decoding,
             "config": {"single_images": len(singles), "mosaics": len(mosaics), "rounds": ROUNDS, "batch": BATCH,
                        "torch_threads": torch.get_num_threads(), "decode_ms_per_image": decode_ms,
                        "resize_ms_per_image": resize_ms, "subset": ctx.limit}}

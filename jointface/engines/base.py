@@ -64,6 +64,9 @@ class Engine(abc.ABC):
     #: Cosine similarity above which two faces are called the same person when
     #: the gallery has no calibrated threshold.
     default_threshold: float = 0.5
+    #: Photos whose longer side exceeds this many pixels give the same faces when
+    #: decoded smaller (the engine shrinks them anyway); None: use every pixel.
+    max_useful_side: int | None = None
 
     @property
     @abc.abstractmethod

@@ -140,6 +140,16 @@ class JointEngine(Engine):
         return self._version
 
     @property
+    def max_useful_side(self) -> int | None:
+        """A photo with a longer side of twice the largest input size or more runs at that largest size.
+
+        So decoding it at that size (JPEG draft mode) loses nothing the network would see.
+        """
+        if self.input_size:
+            return None  # a fixed input size: keep the behaviour exactly as asked
+        return 2 * max(self.MAX_INPUT_SIZE, self.record.input_size)
+
+    @property
     def class_names(self) -> list[str]:
         return list(self.record.class_names)
 
