@@ -300,18 +300,19 @@ def search(gallery: Gallery, engine: Engine, paths: Iterable[Path], *, top_k: in
     max_side = engine.max_useful_side if reduced_decoding and loader is load_image else None
 
     def answer(chunk: list[tuple[Path, np.ndarray | None, str | None, float, tuple[int, int] | None]]):
-        loaded = [image for _, image, _, _, _ in chunk if image is not None]
-        found = iter(detect_grouped(engine, loaded))
+        loaded = [(image, scale) for _, image, _, scale, _ in chunk if image is not None]
+        per_image = [[_scaled(face, scale) if scale != 1.0 else face for face in faces]
+                     for faces, (_, scale) in zip(detect_grouped(engine, [image for image, _ in loaded]), loaded)]
+        # one gallery search for every face of the chunk
+        identified = iter(identify(gallery, engine, [face for faces in per_image for face in faces],
+                                   top_k=top_k, threshold=threshold))
+        found = iter(per_image)
         for path, image, error, scale, size in chunk:
             if image is None:
                 yield ImageResult(image=path, faces=[], error=error), None
                 continue
-            faces = next(found)
-            if scale != 1.0:
-                faces = [_scaled(face, scale) for face in faces]
-            result = ImageResult(image=path, faces=identify(gallery, engine, faces, top_k=top_k,
-                                                            threshold=threshold), size=size)
-            yield result, image
+            faces = [next(identified) for _ in next(found)]
+            yield ImageResult(image=path, faces=faces, size=size), image
 
     chunk: list[tuple[Path, np.ndarray | None, str | None, float, tuple[int, int] | None]] = []
     pixels = 0
