@@ -337,3 +337,19 @@ def test_markdown_table(tmp_path):
         tmp_path / "t" / "results.md", results, formats={"rank1": "{:.2%}"}, headers={"rank1": "rank-1"}
     )
     assert path.read_text() == expected
+
+
+def test_subject_face_is_the_one_nearest_the_centre():
+    import numpy as np
+
+    from jointface.bench.run import best_face, subject_face
+    from jointface.engines.base import Face
+
+    def face(box, score):
+        return Face(box=box, score=score, embedding=np.ones(2, dtype=np.float32), engine="t", engine_version="1")
+
+    bystander = face((0.0, 0.0, 60.0, 60.0), 0.99)        # confident, in the corner
+    subject = face((90.0, 95.0, 160.0, 165.0), 0.80)       # centred on a 250x250 photo
+    assert subject_face([bystander, subject], 250, 250) is subject
+    assert best_face([bystander, subject]) is bystander
+    assert subject_face([], 250, 250) is None

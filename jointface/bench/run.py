@@ -50,6 +50,23 @@ def best_face(faces: Sequence[Face]) -> Face | None:
     return max(faces, key=lambda face: face.score) if faces else None
 
 
+def subject_face(faces: Sequence[Face], width: int, height: int) -> Face | None:
+    """The face whose box centre is nearest the image centre: an LFW photo's labelled person.
+
+    PROTOCOLS.md picks the subject this way for the reference boxes; P3 (pairs
+    of labelled people) uses it too, so a better-scoring bystander is not
+    verified in the subject's place.
+    """
+    if not faces:
+        return None
+
+    def distance(face: Face) -> float:
+        x1, y1, x2, y2 = face.box
+        return ((x1 + x2) / 2 - width / 2) ** 2 + ((y1 + y2) / 2 - height / 2) ** 2
+
+    return min(faces, key=distance)
+
+
 @dataclass
 class BenchContext:
     lfw_root: Path
@@ -295,7 +312,8 @@ def run_p3(engines: Sequence[Engine], ctx: BenchContext) -> dict:
         embeddings: dict[Path, np.ndarray | None] = {}
         paths = sorted({p for pair in pairs for p in (pair.left_path, pair.right_path)})
         for count, path in enumerate(paths, 1):
-            face = best_face(engine.detect(load_image(path)))
+            image = load_image(path)
+            face = subject_face(engine.detect(image), image.shape[1], image.shape[0])
             embeddings[path] = None if face is None else face.embedding
             if count % 50 == 0 or count == len(paths):
                 ctx.progress(f"P3 {engine.name} images", count, len(paths))
