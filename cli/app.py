@@ -577,6 +577,9 @@ def train(
     heads: Optional[str] = typer.Option(None, "--heads", help="Comma-separated identity heads: classifier, "
                                                               "arcface or cosface, triplet, distill."),
     init: Optional[Path] = typer.Option(None, "--init", help="torchvision ResNet weights to start from."),
+    init_weights: Optional[Path] = typer.Option(None, "--init-weights", help="JointFace weights (or a training "
+                                                                              "checkpoint) to continue from, "
+                                                                              "with a fresh schedule."),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast."),
     export: Optional[Path] = typer.Option(None, "--export", help="Also copy the final weights here."),
 ) -> None:
@@ -591,6 +594,7 @@ def train(
     changes = {"data_dir": str(data_dir) if data_dir else None, "out_dir": str(out_dir) if out_dir else None,
                "backbone": backbone, "input_size": input_size, "epochs": epochs,
                "init": str(init) if init else None, "bf16": bf16,
+               "init_weights": str(init_weights) if init_weights else None,
                "identity_heads": [h.strip() for h in heads.split(",") if h.strip()] if heads else None,
                "num_threads": settings(ctx).threads}
     config = config.replace(**{k: v for k, v in changes.items() if v is not None})

@@ -207,6 +207,24 @@ def test_fast_training_options_resume_the_same(organised, tmp_path):
     assert loop.margin_ramp(TrainConfig(), 0) == 1.0
 
 
+def test_continue_from_exported_weights(organised, tmp_path):
+    data_dir, _, _ = organised
+    first = train(_config(data_dir, tmp_path / "first", max_steps=2, validate=False))
+    exported = first.out_dir / "jointface.pt"
+    start = loop.load_start_weights(exported, load_class_names(data_dir))
+    checkpoint = loop.load_checkpoint(first.checkpoint)
+    for name, tensor in checkpoint["model"].items():  # fp16 storage: equal to half precision
+        assert torch.allclose(start["model"][name].float(), tensor.float(), atol=2e-3, rtol=1e-3), name
+    assert set(start["heads"]) == set(checkpoint["heads"])
+    assert start["record"]["anchor_sizes"] == checkpoint["model_record"]["anchor_sizes"]
+    with pytest.raises(ValueError, match="other classes"):
+        loop.load_start_weights(exported, ["someone else"])
+    second = train(_config(data_dir, tmp_path / "second", max_steps=1, validate=False, init_weights=str(exported)))
+    assert second.step == 1  # a new run (step 0) that started from the exported network
+    record = json.loads((tmp_path / "second" / "model_record.json").read_text())
+    assert record["anchor_sizes"] == checkpoint["model_record"]["anchor_sizes"]
+
+
 def test_bf16_autocast_and_onecycle_schedule_resume(organised, tmp_path):
     data_dir, _, _ = organised
     config = _config(data_dir, tmp_path / "bf16", max_steps=1, validate=False, bf16=True, schedule="onecycle")

@@ -29,6 +29,8 @@ class TrainConfig:
     embedding_dim: int = 512
     neck_channels: int = 256
     init: str | None = None                  # torchvision ResNet state dict to start from (--init PATH)
+    init_weights: str | None = None          # a JointFace weights file or checkpoint to continue from (anchors,
+                                             # network and identity heads; same classes) with a fresh schedule
     # --- identity heads, any of: classifier, arcface | cosface, triplet, distill
     identity_heads: list[str] = field(default_factory=lambda: ["classifier", "arcface", "triplet"])
     margin_scale: float = 30.0

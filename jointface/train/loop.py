@@ -93,6 +93,24 @@ def build_model(config: TrainConfig, class_names: list[str], anchor_sizes: list[
     return model, heads
 
 
+def load_start_weights(path: str | Path, class_names: list[str]) -> dict:
+    """Network and identity-head tensors (float32) of a weights file or checkpoint to continue training from.
+
+    The classes must be the training data's, in the same order (the heads are per class).
+    """
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") not in (CHECKPOINT_FORMAT, WEIGHTS_FORMAT):
+        raise ValueError(f"{path}: neither JointFace weights nor a training checkpoint")
+    record = payload.get("record") or payload.get("model_record")
+    if list(record.get("class_names", [])) != list(class_names):
+        raise ValueError(f"{path} was trained on other classes than {len(class_names)} of this data; "
+                         f"start from it with the same organised data")
+    as_float = lambda state: {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # noqa: E731
+    model = payload.get("state_dict", payload.get("model"))
+    heads = payload.get("identity_heads", payload.get("heads")) or {}
+    return {"record": record, "model": as_float(model), "heads": as_float(heads)}
+
+
 def teacher_mean_of(records) -> torch.Tensor | None:
     """Mean teacher descriptor over the records that have one (None when none has)."""
     teachers = [r.teacher for r in records if r.teacher is not None and r.identity_idx >= 0]
@@ -322,8 +340,13 @@ def train(config: TrainConfig) -> TrainResult:
     test_set = FaceDataset(test_records, config.input_size, record_stub.mean, record_stub.std)
     sampler = PKBatchSampler(train_records, config.people_per_batch, config.images_per_person, config.seed)
 
+    start_from = load_start_weights(config.init_weights, class_names) if checkpoint is None and \
+        config.init_weights else None
     if checkpoint is not None:
         anchor_sizes = checkpoint["model_record"]["anchor_sizes"]
+    elif start_from is not None:
+        anchor_sizes = start_from["record"]["anchor_sizes"]
+        print(f"continuing from {config.init_weights} (its anchors, network and identity heads)")
     else:
         box_sizes = sample_box_sizes(train_set, config.anchor_sample_images, config.seed)
         anchor_sizes = kmeans_anchors(box_sizes, config.num_anchors).tolist()
@@ -333,6 +356,9 @@ def train(config: TrainConfig) -> TrainResult:
     model, heads = build_model(config, class_names, anchor_sizes, teacher_mean_of(train_records))
     if checkpoint is None and config.init:
         load_torchvision_weights(config.init, model.backbone)
+    if start_from is not None:
+        model.load_state_dict(start_from["model"])
+        heads.load_state_dict(start_from["heads"])
     model.to(device)
     heads.to(device)
     if config.channels_last:
