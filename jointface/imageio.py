@@ -93,7 +93,21 @@ def load_image(path: str | os.PathLike, *, max_size: int | None = None) -> np.nd
     pixels, using JPEG draft mode where possible (decoding at 1/2, 1/4 or 1/8
     scale is much cheaper than decoding in full and resizing).
     """
-    path = Path(path)
+    return _decode(Path(path), max_size)[0]
+
+
+def load_image_reduced(path: str | os.PathLike, max_side: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`load_image` at a longer side of at most ``max_side`` (JPEG draft decoding), and the full size.
+
+    Returns ``(image, (width, height))``: the reduced upright image and the
+    size of the full upright photo, so that coordinates found in ``image``
+    scale back by ``width / image.shape[1]``.
+    """
+    return _decode(Path(path), max_side)
+
+
+def _decode(path: Path, max_size: int | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """The upright RGB pixels (reduced to ``max_size`` when given) and the full upright ``(width, height)``."""
     if not path.exists():
         raise ImageLoadError(f"{path}: no such file")
     if path.is_dir():
@@ -122,11 +136,13 @@ def load_image(path: str | os.PathLike, *, max_size: int | None = None) -> np.nd
                 if max_size is not None and image.format == "JPEG" and max(width, height) > max_size:
                     image.draft("RGB", (max_size, max_size))
                 image.load()
+                if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF: stored turned by 90 degrees
+                    width, height = height, width
                 image = ImageOps.exif_transpose(image) or image
                 rgb = _to_rgb(image)
                 if max_size is not None and max(rgb.size) > max_size:
                     rgb.thumbnail((max_size, max_size), Image.Resampling.BILINEAR)
-                return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+                return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)), (width, height)
     except ImageLoadError:
         raise
     except UnidentifiedImageError as exc:
@@ -140,24 +156,6 @@ def load_image(path: str | os.PathLike, *, max_size: int | None = None) -> np.nd
         raise ImageLoadError(f"{path}: damaged or truncated image ({reason})") from exc
     except MemoryError as exc:
         raise ImageLoadError(f"{path}: not enough memory to decode this image") from exc
-
-
-def load_image_reduced(path: str | os.PathLike, max_side: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """:func:`load_image` at a longer side of at most ``max_side`` (JPEG draft decoding), and the full size.
-
-    Returns ``(image, (width, height))``: the reduced upright image and the
-    size of the full upright photo, so that coordinates found in ``image``
-    scale back by ``width / image.shape[1]``.
-    """
-    image = load_image(path, max_size=max_side)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with _open_header(Path(path)) as header:
-            width, height = header.size
-            orientation = header.getexif().get(0x0112, 1)  # EXIF Orientation
-    if orientation in (5, 6, 7, 8):  # stored rotated by 90 degrees: upright swaps the sides
-        width, height = height, width
-    return image, (width, height)
 
 
 def list_images(inputs: list[str | os.PathLike], *, recursive: bool = True) -> list[Path]:

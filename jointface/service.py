@@ -149,11 +149,11 @@ def enroll(gallery: Gallery, engine: Engine, items: Iterable[tuple[str, Path]], 
         to_detect.clear()
 
     known = _enrolled_hashes(gallery, engine.name)
-    order: dict[int, int] = {}
-    for position, (person, path) in enumerate(items):
+    in_input_order: list[EnrollOutcome] = []
+    for person, path in items:
         path = Path(path)
         outcome = EnrollOutcome(person=person, path=path, status=FAILED)
-        order[id(outcome)] = position
+        in_input_order.append(outcome)
         try:
             person = outcome.person = validate_person_name(person)
             image = loader(path)
@@ -176,7 +176,7 @@ def enroll(gallery: Gallery, engine: Engine, items: Iterable[tuple[str, Path]], 
             detect_queued()
     detect_queued()
     flush()
-    report.outcomes.sort(key=lambda outcome: order[id(outcome)])
+    report.outcomes = in_input_order  # every one of them has been settled (and reported) by now
     return report
 
 
@@ -263,9 +263,7 @@ def detect_grouped(engine: Engine, images: Sequence[np.ndarray]) -> list[list[Fa
     for position, image in enumerate(images):
         groups.setdefault(tuple(image.shape), []).append(position)
     for positions in groups.values():
-        found = engine.detect_batch([images[i] for i in positions]) if len(positions) > 1 else \
-            [engine.detect(images[positions[0]])]
-        for position, faces in zip(positions, found):
+        for position, faces in zip(positions, engine.detect_batch([images[i] for i in positions])):
             results[position] = faces
     return results  # type: ignore[return-value]
 
