@@ -219,6 +219,12 @@ def test_continue_from_exported_weights(organised, tmp_path):
     assert start["record"]["anchor_sizes"] == checkpoint["model_record"]["anchor_sizes"]
     with pytest.raises(ValueError, match="other classes"):
         loop.load_start_weights(exported, ["someone else"])
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="garbage.pt: refused"):
+        loop.load_start_weights(garbage, load_class_names(data_dir))
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        loop.load_start_weights(tmp_path / "missing.pt", load_class_names(data_dir))
     second = train(_config(data_dir, tmp_path / "second", max_steps=1, validate=False, init_weights=str(exported)))
     assert second.step == 1  # a new run (step 0) that started from the exported network
     record = json.loads((tmp_path / "second" / "model_record.json").read_text())

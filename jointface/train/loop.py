@@ -31,6 +31,7 @@ import csv
 import hashlib
 import json
 import math
+import pickle
 import sys
 import time
 from dataclasses import dataclass
@@ -98,9 +99,7 @@ def load_start_weights(path: str | Path, class_names: list[str]) -> dict:
 
     The classes must be the training data's, in the same order (the heads are per class).
     """
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") not in (CHECKPOINT_FORMAT, WEIGHTS_FORMAT):
-        raise ValueError(f"{path}: neither JointFace weights nor a training checkpoint")
+    payload = read_torch_file(path, (WEIGHTS_FORMAT, CHECKPOINT_FORMAT))
     record = payload.get("record") or payload.get("model_record")
     if list(record.get("class_names", [])) != list(class_names):
         raise ValueError(f"{path} was trained on other classes than {len(class_names)} of this data; "
@@ -241,11 +240,27 @@ def save_checkpoint(path: Path, *, model, heads, optimizer, scheduler, step, epo
     temporary.replace(path)  # atomic: a crash never leaves half a checkpoint
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a JointFace training checkpoint")
+def read_torch_file(path: str | Path, formats: tuple[str, ...]) -> dict:
+    """``torch.load(weights_only=True)`` of a JointFace file whose ``format`` is one of ``formats``.
+
+    A missing, damaged or foreign file raises ``FileNotFoundError`` or ``ValueError`` naming it.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{path}: refused: damaged, not a torch file, or holding pickled Python objects "
+                         f"beyond tensors") from exc
+    except Exception as exc:  # zip / torch format errors: damaged, or not a torch file at all
+        raise ValueError(f"{path}: not a readable torch file ({exc.__class__.__name__})") from exc
+    if not isinstance(payload, dict) or payload.get("format") not in formats:
+        raise ValueError(f"{path}: not a JointFace {' or '.join(f.replace('jointface-', '') for f in formats)} file")
     return payload
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    return read_torch_file(path, (CHECKPOINT_FORMAT,))
 
 
 class CsvLog:
