@@ -106,7 +106,8 @@ def main_options(
     db_url: Optional[str] = typer.Option(None, "--db-url", help="SQLAlchemy database URL (default: SQLite in the "
                                                                 "home folder; $JOINTFACE_DB_URL)."),
     engine: Optional[str] = typer.Option(None, "--engine", help="Face engine: jointface or dlib (default: "
-                                                                "jointface when its weights are present)."),
+                                                                "jointface when its weights are present); "
+                                                                "jointface@PATH runs other weights."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for the network."),
     index_kind: Optional[str] = typer.Option(None, "--index-kind", help="Vector index: auto (exact search below "
                                                                         "100,000 faces, IVF above), flat, ivf or "
@@ -447,7 +448,9 @@ def bench(
     protocol: str = typer.Argument(..., help="p1, p2, p3, p4, p5 or all (see ../shared/PROTOCOLS.md); report "
                                              "rewrites the README's results section from the JSON files."),
     engines: Optional[list[str]] = typer.Option(None, "--engine", "-e", help="Engines to compare (repeat); "
-                                                                             "default: every available one."),
+                                                                             "default: every available one. "
+                                                                             "jointface@PATH adds a network "
+                                                                             "trained elsewhere."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Run on an evenly spread subset (quick "
                                                                      "checks); figures are then not the "
                                                                      "protocol's."),

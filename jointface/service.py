@@ -222,7 +222,7 @@ class ImageResult:
 @dataclass(frozen=True)
 class Threshold:
     value: float
-    source: str  # "option", "calibrated", "engine default"
+    source: str  # "option", "calibrated", "engine default[: where it comes from]"
 
 
 def resolve_threshold(gallery: Gallery, engine: Engine, explicit: float | None) -> Threshold:
@@ -231,7 +231,8 @@ def resolve_threshold(gallery: Gallery, engine: Engine, explicit: float | None) 
     calibrated, info = gallery.threshold(engine.name)
     if calibrated is not None and info.get("engine_version") in (None, engine.version):
         return Threshold(calibrated, "calibrated")
-    return Threshold(engine.default_threshold, "engine default")
+    detail = getattr(engine, "threshold_source", None)
+    return Threshold(engine.default_threshold, "engine default" + (f": {detail}" if detail else ""))
 
 
 def identify(gallery: Gallery, engine: Engine, faces: Sequence[Face], *, top_k: int,

@@ -69,3 +69,46 @@ def test_fast_paths_match_the_reference_path(lfw_dir, fast_name, min_iou, min_co
         ref, quick = ref_faces[0], fast_faces[0]
         assert box_iou_np(np.array([ref.box]), np.array([quick.box]))[0, 0] > min_iou
         assert float(np.dot(ref.embedding, quick.embedding)) > min_cosine
+
+
+def test_engine_at_weights_path_loads_those_weights_under_its_own_name(tmp_path):
+    """``jointface@PATH``: other weights, side by side with the shipped ones, with a gallery name of their own."""
+    import shutil
+
+    from jointface.engines import UnknownEngineError, get_engine
+
+    copy = tmp_path / "heads cosface+distill.pt"
+    shutil.copy(default_weights_path(), copy)
+    engine = get_engine(f"jointface@{copy}")
+    assert engine.name == "jointface@heads-cosface+distill"
+    assert engine.weights_path == copy
+    assert engine.version == get_engine("jointface").version  # same bytes, same version
+    assert get_engine(f"jointface@{copy}") is engine  # loaded once per process
+    assert get_engine(f"jointface-reference@{copy}").name == "jointface-reference@heads-cosface+distill"
+    for bad, message in [("dlib@" + str(copy), "takes no weights"), ("jointface@", "give a weights file"),
+                         ("nonsense@" + str(copy), "unknown engine")]:
+        with pytest.raises(UnknownEngineError, match=message):
+            get_engine(bad)
+    from jointface.engines.joint_engine import WeightsError
+
+    with pytest.raises(WeightsError, match="no such weights file"):
+        get_engine(f"jointface@{tmp_path / 'missing.pt'}")
+
+
+def test_default_threshold_comes_from_the_weights_card_of_those_weights(tmp_path):
+    import shutil
+
+    from jointface.engines.joint_engine import JointEngine
+
+    copy = tmp_path / "w.pt"
+    shutil.copy(default_weights_path(), copy)
+    assert JointEngine(copy).default_threshold == JointEngine.default_threshold  # no card: the fixed default
+    version = JointEngine(copy).version
+    card = {"version": version, "default_threshold": 0.8125, "default_threshold_source": "P2 calibration"}
+    copy.with_suffix(".json").write_text(json.dumps(card))
+    engine = JointEngine(copy)
+    assert (engine.default_threshold, engine.threshold_source) == (0.8125, "P2 calibration")
+    copy.with_suffix(".json").write_text(json.dumps({**card, "version": "0" * 12}))  # a card of other weights
+    assert JointEngine(copy).default_threshold == JointEngine.default_threshold
+    copy.with_suffix(".json").write_text("{ not json")
+    assert JointEngine(copy).default_threshold == JointEngine.default_threshold

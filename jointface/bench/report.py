@@ -46,8 +46,16 @@ def update_readme(readme: Path, results_dir: Path) -> bool:
     return changed
 
 
+#: The shipped weights' default threshold is P2's calibrated threshold at this FPIR.
+DEFAULT_THRESHOLD_FPIR = "0.1"
+
+
 def write_weights_card(results_dir: Path) -> Path | None:
     """The shipped weights' sidecar (``jointface.json``): their P1 figures, from ``p1.json``.
+
+    With a ``p2.json`` of the same weights it also carries their P2 figures and
+    a default rejection threshold (P2's calibration at FPIR 0.1), which the
+    joint engine uses when no gallery calibration or option says otherwise.
 
     Written only when ``p1.json`` measured exactly the shipped file (same
     version hash); :func:`jointface.engines.default_engine_name` reads it.
@@ -68,6 +76,18 @@ def write_weights_card(results_dir: Path) -> Path | None:
             "training": {k: payload.get("training", {}).get(k) for k in ("step", "epoch", "metrics")},
             "backbone": payload["record"].get("backbone"), "input_size": payload["record"].get("input_size"),
             "training_command": payload["record"].get("training_command")}
+    p2_path = results_dir / "p2.json"
+    if p2_path.exists():  # the default rejection threshold: P2's held-out calibration of these very weights
+        p2 = json.loads(p2_path.read_text())
+        if p2.get("engines", {}).get("jointface", {}).get("version") == version:
+            figures = p2["figures"]["jointface"]
+            calibrated = figures["calibrated"][DEFAULT_THRESHOLD_FPIR]
+            card["p2"] = {key: figures.get(key) for key in ("rank1", "rank5", "tpir@fpir=0.01",
+                                                              "tpir@fpir=0.1", "calibrated")}
+            card["default_threshold"] = calibrated["threshold"]
+            card["default_threshold_source"] = (
+                f"P2 calibration (FPIR {DEFAULT_THRESHOLD_FPIR} on held-out strangers against a gallery of "
+                f"{figures.get('gallery_enrolled')} people; smaller galleries accept fewer strangers)")
     out = weights.with_suffix(".json")
     out.write_text(json.dumps(card, indent=2, default=str) + "\n")
     return out

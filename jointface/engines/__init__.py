@@ -7,7 +7,9 @@ not load dlib or torch.
 
 from __future__ import annotations
 
+import re
 import threading
+from pathlib import Path
 from typing import Callable
 
 from .base import Engine, Face, check_image, l2_normalise
@@ -105,11 +107,43 @@ def default_engine_name() -> str:
     return "jointface" if accuracy >= DEFAULT_ENGINE_MIN_P1_ACCURACY else "dlib"
 
 
+#: Engines that accept other weights: ``jointface@PATH`` runs the joint network with the weights file at PATH.
+WEIGHTS_ENGINES = ("jointface", "jointface-reference", "jointface-bf16")
+
+
+def weights_label(path: str) -> str:
+    """A short, file-name-safe label for a weights file: its name without ``.pt``."""
+    stem = Path(path).name.removesuffix(".pt")
+    label = re.sub(r"[^A-Za-z0-9_.+-]+", "-", stem).strip("-.")
+    if not label:
+        raise UnknownEngineError(f"weights path {path!r} gives no usable engine label")
+    return label
+
+
 def get_engine(name: str, **options) -> Engine:
-    if name not in _FACTORIES:
-        raise UnknownEngineError(f"unknown engine {name!r}; choose one of: {', '.join(available_engines())}")
+    """The shared engine called ``name``.
+
+    ``jointface@PATH`` (also ``jointface-reference@PATH``, ``jointface-bf16@PATH``)
+    loads the weights file at PATH and is named ``jointface@LABEL`` (the file
+    name without ``.pt``), so several trained networks compare side by side in
+    one benchmark run and keep galleries of their own.
+    """
+    base, _, weights = name.partition("@")
+    if base not in _FACTORIES:
+        raise UnknownEngineError(f"unknown engine {name!r}; choose one of: {', '.join(available_engines())}"
+                                 f" (jointface engines also take @WEIGHTS_PATH)")
+    if weights and base not in WEIGHTS_ENGINES:
+        raise UnknownEngineError(f"engine {base!r} takes no weights file ({name!r}); only "
+                                 f"{', '.join(WEIGHTS_ENGINES)} do")
+    if "@" in name and not weights:
+        raise UnknownEngineError(f"engine {name!r}: give a weights file after '@'")
     key = (name, tuple(sorted(options.items())))
     with _LOCK:
         if key not in _INSTANCES:
-            _INSTANCES[key] = _FACTORIES[name](**options)
+            if weights:
+                engine = _FACTORIES[base](weights=weights, **options)
+                engine.name = f"{engine.name}@{weights_label(weights)}"
+            else:
+                engine = _FACTORIES[base](**options)
+            _INSTANCES[key] = engine
         return _INSTANCES[key]

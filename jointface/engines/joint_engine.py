@@ -27,6 +27,7 @@ galleries never mix embeddings of different weights.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 from pathlib import Path
@@ -116,6 +117,7 @@ class JointEngine(Engine):
         except (TypeError, ValueError, RuntimeError, KeyError) as exc:
             raise WeightsError(f"{path}: weights do not fit the network they describe ({exc})") from exc
         self.weights_path = path
+        self.default_threshold, self.threshold_source = self._card_threshold(path, self._version)
         self._classifier = _classifier_from(payload.get("identity_heads") or {})
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -134,6 +136,22 @@ class JointEngine(Engine):
         self.input_size = int(input_size) if input_size else None
         self.max_faces = int(max_faces)
         self.dim = self.record.embedding_dim
+
+    @classmethod
+    def _card_threshold(cls, path: Path, version: str) -> tuple[float, str]:
+        """The default rejection threshold: from the weights card beside the weights when it describes them.
+
+        ``jointface bench report`` writes the card (``<weights>.json``) with
+        P2's calibrated threshold; a card of other weights, or none, leaves the
+        fixed class default.
+        """
+        try:
+            card = json.loads(path.with_suffix(".json").read_text())
+            if card.get("version") == version and card.get("default_threshold") is not None:
+                return float(card["default_threshold"]), str(card.get("default_threshold_source", "weights card"))
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass
+        return cls.default_threshold, "fixed default"
 
     @property
     def version(self) -> str:
