@@ -105,3 +105,23 @@ def test_bench_p4_subset_profiles_the_joint_engine_steps(run_cli, tmp_path):
     assert "milliseconds per image in each step" in (out / "p4.md").read_text()
     decoding = data["camera_photo_decoding"]
     assert decoding["full_ms"] > decoding["reduced_ms"] > 0 and decoding["max_side"] == 1280
+
+
+def test_p2_markdown_shows_training_calibration_and_transfer_per_engine():
+    from jointface.bench.run import markdown_for
+
+    calibrated = {"0.01": {"threshold": 0.9, "fpir_held_out": 0.012, "tpir": 0.5},
+                  "0.1": {"threshold": 0.8, "fpir_held_out": 0.09, "tpir": 0.7}}
+    row = {"rank1": 0.6, "rank5": 0.8, "tpir@fpir=0.01": 0.5, "threshold@fpir=0.01": 0.9, "tpir@fpir=0.1": 0.7,
+           "threshold@fpir=0.1": 0.8, "calibrated": calibrated,
+           "transfer": {"people": 12, "nearest_neighbour_accuracy": 0.75, "retrained_classifier_accuracy": 0.8}}
+    result = {"protocol": "P2", "figures": {"dlib": row, "jointface@heads-triplet": row},
+              "engines": {"dlib": {"version": "a"},
+                          "jointface@heads-triplet": {"version": "b", "identity_heads": ["triplet"],
+                                                      "training_steps": 1470, "continued_from": None,
+                                                      "validation": {"top1_nearest": 0.25}}}}
+    text = markdown_for(result)
+    assert "| jointface@heads-triplet | triplet | from scratch | 1,470 | 25.00% |" in text
+    assert "| dlib | 0.900 | 1.20% | 50.00% | 0.800 | 9.00% | 70.00% |" in text
+    assert "| jointface@heads-triplet | 12 | 75.00% | 80.00% |" in text
+    assert "dlib | cosface" not in text  # dlib was not trained here: no training row

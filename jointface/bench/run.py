@@ -407,6 +407,8 @@ def markdown_for(result: dict) -> str:
         table += ("\n\nJoint engine, batch of 8, milliseconds per image in each step:\n\n"
                   + plots.markdown_table(rows, columns=steps, formats={s: "{:.2f}" for s in steps},
                                          row_header="input: engine"))
+    if protocol == "P2":
+        table += _p2_details(result)
     decoding = result.get("camera_photo_decoding")
     if decoding:
         table += (f"\n\nDecoding a {decoding['size'][0]}x{decoding['size'][1]} JPEG: {decoding['full_ms']:.0f} ms in "
@@ -415,6 +417,41 @@ def markdown_for(result: dict) -> str:
     subset = result.get("config", {}).get("subset")
     note = f"\n\nSubset run: {subset} (not the full protocol).\n" if subset else "\n"
     return f"## {protocol}\n\n{table}{note}"
+
+
+def _p2_details(result: dict) -> str:
+    """P2's further tables: how each network was trained, calibration on held-out strangers, transfer."""
+    figures, records = result["figures"], result.get("engines", {})
+    trained = {name: {"identity heads": " + ".join(record["identity_heads"]),
+                      "start": "continued" if record.get("continued_from") else "from scratch",
+                      "steps (last run)": record.get("training_steps"),
+                      "P1 validation (nearest train)": (record.get("validation") or {}).get("top1_nearest")}
+               for name, record in records.items() if record.get("identity_heads")}
+    text = ""
+    if trained:
+        text += ("\nHow each joint network was trained (from its weights file):\n\n"
+                 + plots.markdown_table(trained, row_header="engine",
+                                        formats={"P1 validation (nearest train)": _fmt_percent}))
+    calibration = {name: {f"{key} @ FPIR {target}": row["calibrated"][target][key]
+                          for target in ("0.01", "0.1") for key in ("threshold", "fpir_held_out", "tpir")}
+                   for name, row in figures.items() if "calibrated" in row}
+    if calibration:
+        text += ("\nCalibration on held-out strangers (threshold from the even-numbered non-mated probes, "
+                 "FPIR measured on the odd-numbered ones, TPIR on all mated probes):\n\n"
+                 + plots.markdown_table(calibration, row_header="engine",
+                                        formats={c: ("{:.3f}" if c.startswith("threshold") else _fmt_percent)
+                                                 for row in calibration.values() for c in row}))
+    transfer = {name: {"people": row["transfer"]["people"],
+                       "nearest neighbour (enrol only)": row["transfer"]["nearest_neighbour_accuracy"],
+                       "classifier retrained on frozen embeddings": row["transfer"]["retrained_classifier_accuracy"]}
+                for name, row in figures.items() if row.get("transfer")}
+    if transfer:
+        text += ("\nTransfer to the P2 people (the study's Experiment 2), top-1 accuracy on their mated "
+                 "probes:\n\n"
+                 + plots.markdown_table(transfer, row_header="engine",
+                                        formats={"nearest neighbour (enrol only)": _fmt_percent,
+                                                 "classifier retrained on frozen embeddings": _fmt_percent}))
+    return text.rstrip("\n")
 
 
 def write_results(result: dict, engines: Sequence[Engine], out_dir: Path, tag: str | None = None) -> Path:

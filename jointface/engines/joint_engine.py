@@ -117,6 +117,10 @@ class JointEngine(Engine):
         except (TypeError, ValueError, RuntimeError, KeyError) as exc:
             raise WeightsError(f"{path}: weights do not fit the network they describe ({exc})") from exc
         self.weights_path = path
+        training = payload.get("training") or {}
+        self.training = {"identity_heads": list((training.get("config") or {}).get("identity_heads") or []),
+                         "training_steps": training.get("step"), "validation": training.get("metrics") or {},
+                         "continued_from": (training.get("config") or {}).get("init_weights")}
         self.default_threshold, self.threshold_source = self._card_threshold(path, self._version)
         self._classifier = _classifier_from(payload.get("identity_heads") or {})
         self.device = torch.device(device)
@@ -257,4 +261,5 @@ class JointEngine(Engine):
         return {**super().describe(), "backbone": self.record.backbone,
                 "input_size": self.input_size or f"auto ({self.record.input_size}-{self.MAX_INPUT_SIZE})",
                 "bf16": self.bf16, "channels_last": self.channels_last, "fused_batchnorm": self.fused,
-                "conf_threshold": self.conf_threshold, "nms_iou": self.nms_iou, "weights": str(self.weights_path)}
+                "conf_threshold": self.conf_threshold, "nms_iou": self.nms_iou, "weights": str(self.weights_path),
+                **self.training}
