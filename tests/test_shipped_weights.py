@@ -51,6 +51,7 @@ def test_jointface_search_finds_two_faces(run_cli, knn_dir, tmp_path):
 @pytest.mark.parametrize("fast_name, min_iou, min_cosine", [
     ("jointface", 0.99, 0.999),       # BN folded + channels-last: the same arithmetic up to rounding
     ("jointface-bf16", 0.9, 0.98),    # bf16 autocast: rounding of 8-bit mantissas
+    ("jointface-onnx", 0.99, 0.999),  # ONNX Runtime convolutions: fp32, other summation order
 ])
 def test_fast_paths_match_the_reference_path(lfw_dir, fast_name, min_iou, min_cosine):
     """The default engine and the bf16 path against the network exactly as trained, on real faces."""
@@ -112,3 +113,22 @@ def test_default_threshold_comes_from_the_weights_card_of_those_weights(tmp_path
     assert JointEngine(copy).default_threshold == JointEngine.default_threshold
     copy.with_suffix(".json").write_text("{ not json")
     assert JointEngine(copy).default_threshold == JointEngine.default_threshold
+
+
+def test_onnx_graph_is_cached_and_a_damaged_cache_file_is_exported_again(tmp_path):
+    from jointface.engines import get_engine
+    from jointface.engines.onnx_runtime import OnnxMaps
+
+    model = get_engine("jointface-reference").model
+    images = torch.randn(2, 3, 96, 128)
+    with torch.inference_mode():
+        expected = model.forward_maps(images)
+    first = OnnxMaps(model, "test", threads=1, folder=tmp_path)
+    stamp = first.path.stat().st_mtime_ns
+    assert OnnxMaps(model, "test", threads=1, folder=tmp_path).path.stat().st_mtime_ns == stamp  # reused
+    first.path.write_bytes(b"not an onnx graph")
+    again = OnnxMaps(model, "test", threads=1, folder=tmp_path)
+    for got, want in zip(again(images), expected):  # any batch and size: the axes are dynamic
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, atol=1e-3)
+    assert [p.name for p in tmp_path.iterdir()] == [first.path.name]  # no temporary files left

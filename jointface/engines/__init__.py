@@ -63,10 +63,20 @@ def _make_joint_reference(**options) -> Engine:
     return engine
 
 
+def _make_joint_onnx(**options) -> Engine:
+    """The joint network's convolutions on ONNX Runtime (BatchNorm folded); decoding and NMS as in torch."""
+    from .joint_engine import JointEngine
+
+    engine = JointEngine(runtime="onnx", **options)
+    engine.name = "jointface-onnx"
+    return engine
+
+
 _FACTORIES: dict[str, Callable[..., Engine]] = {"dlib": _make_dlib, "dlib-cnn": _make_dlib_cnn,
                                                 "jointface": _make_joint,
                                                 "jointface-reference": _make_joint_reference,
-                                                "jointface-bf16": _make_joint_fast}
+                                                "jointface-bf16": _make_joint_fast,
+                                                "jointface-onnx": _make_joint_onnx}
 _INSTANCES: dict[tuple, Engine] = {}
 _LOCK = threading.Lock()
 
@@ -108,7 +118,7 @@ def default_engine_name() -> str:
 
 
 #: Engines that accept other weights: ``jointface@PATH`` runs the joint network with the weights file at PATH.
-WEIGHTS_ENGINES = ("jointface", "jointface-reference", "jointface-bf16")
+WEIGHTS_ENGINES = ("jointface", "jointface-reference", "jointface-bf16", "jointface-onnx")
 
 
 def weights_label(path: str) -> str:

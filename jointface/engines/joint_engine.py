@@ -100,7 +100,7 @@ class JointEngine(Engine):
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str = "cpu", bf16: bool = False,
                  conf_threshold: float = 0.7, nms_iou: float = 0.4, input_size: int | None = None,
-                 max_faces: int = 100, channels_last: bool = True, fuse: bool = True):
+                 max_faces: int = 100, channels_last: bool = True, fuse: bool = True, runtime: str = "torch"):
         import torch
 
         from jointface.net.model import JointNet, ModelRecord
@@ -130,6 +130,18 @@ class JointEngine(Engine):
             from jointface.net.fuse import fuse_batchnorm
 
             self.model = fuse_batchnorm(self.model)
+        if runtime not in ("torch", "onnx"):
+            raise ValueError(f"unknown runtime {runtime!r}: use 'torch' or 'onnx'")
+        self.runtime = runtime
+        self._onnx = None
+        if runtime == "onnx":  # the convolutions in ONNX Runtime; decoding and NMS stay in torch
+            from .onnx_runtime import OnnxMaps
+
+            if bf16:
+                raise ValueError("bf16 autocast is a torch option; the onnx runtime path runs fp32")
+            self._onnx = OnnxMaps(self.model, f"{self._version}-{'fused' if self.fused else 'plain'}",
+                                  threads=torch.get_num_threads())
+            channels_last = False  # ONNX Runtime takes plain contiguous arrays
         self.channels_last = bool(channels_last)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -238,7 +250,7 @@ class JointEngine(Engine):
             batch = batch.contiguous(memory_format=torch.channels_last)
         lap("normalise")
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            output = self.model(batch)
+            output = self.model(batch) if self._onnx is None else self.model.output_from_maps(*self._onnx(batch))
         lap("network")
         detections = postprocess(output, self.model.anchor_grid, self.conf_threshold, self.nms_iou, self.max_faces)
         lap("decode_nms")
@@ -260,6 +272,6 @@ class JointEngine(Engine):
     def describe(self) -> dict:
         return {**super().describe(), "backbone": self.record.backbone,
                 "input_size": self.input_size or f"auto ({self.record.input_size}-{self.MAX_INPUT_SIZE})",
-                "bf16": self.bf16, "channels_last": self.channels_last, "fused_batchnorm": self.fused,
+                "runtime": self.runtime, "bf16": self.bf16, "channels_last": self.channels_last, "fused_batchnorm": self.fused,
                 "conf_threshold": self.conf_threshold, "nms_iou": self.nms_iou, "weights": str(self.weights_path),
                 **self.training}

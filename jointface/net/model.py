@@ -135,12 +135,24 @@ class JointNet(nn.Module):
         return self.neck(self.backbone.forward_features(images))
 
     def forward_head(self, features: torch.Tensor) -> JointOutput:
-        batch, _, grid_h, grid_w = features.shape
+        return self.output_from_maps(self.detection(features), self.embedding(features))
+
+    def forward_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two convolutional output maps, ``(B, A*5, G_h, G_w)`` and ``(B, A*D, G_h, G_w)``.
+
+        Everything learnt, and nothing else: the part exported to ONNX Runtime.
+        """
+        features = self.forward_features(images)
+        return self.detection(features), self.embedding(features)
+
+    def output_from_maps(self, detection: torch.Tensor, embedding: torch.Tensor) -> JointOutput:
+        """Per-anchor boxes, confidences and L2-normalised embeddings from :meth:`forward_maps`'s maps."""
+        batch, _, grid_h, grid_w = detection.shape
         anchors, dim = self.num_anchors, self.record.embedding_dim
         # (B, A*k, G_h, G_w) -> (B, G_h, G_w, A, k) -> (B, G_h*G_w*A, k)
-        detection = self.detection(features).view(batch, anchors, 5, grid_h, grid_w)
+        detection = detection.view(batch, anchors, 5, grid_h, grid_w)
         detection = detection.permute(0, 3, 4, 1, 2).reshape(batch, -1, 5)
-        embedding = self.embedding(features).view(batch, anchors, dim, grid_h, grid_w)
+        embedding = embedding.view(batch, anchors, dim, grid_h, grid_w)
         embedding = embedding.permute(0, 3, 4, 1, 2).reshape(batch, -1, dim)
         embedding = F.normalize(embedding.float(), dim=-1)
         return JointOutput(detection[..., :4], detection[..., 4], embedding, (grid_h, grid_w))
