@@ -100,6 +100,23 @@ def test_margin_heads_hand_computed():
     assert torch.allclose(arcface(embedding), torch.tensor([[10.0, 0.0]]), atol=1e-4)
 
 
+def test_linear_classifier_scales_unit_embeddings_and_loads_unscaled_heads():
+    from jointface.net.model import LinearClassifier
+    head = LinearClassifier(2, 2, scale=30.0)
+    with torch.no_grad():
+        head.fc.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        head.fc.bias.copy_(torch.tensor([0.5, 0.0]))
+    assert torch.allclose(head(torch.tensor([[0.0, 1.0]])), torch.tensor([[0.5, 30.0]]))
+    # a head saved before the scale existed (no 'scale' entry) keeps its unscaled logits
+    old = {"fc.weight": head.fc.weight.detach().clone(), "fc.bias": head.fc.bias.detach().clone()}
+    reloaded = LinearClassifier(2, 2, scale=30.0)
+    reloaded.load_state_dict(old)
+    assert float(reloaded.scale) == 1.0
+    assert torch.allclose(reloaded(torch.tensor([[0.0, 1.0]])), torch.tensor([[0.5, 1.0]]))
+    saved = LinearClassifier(2, 2, scale=30.0).state_dict()
+    assert float(saved["scale"]) == 30.0
+
+
 def test_check_finite_names_the_term():
     losses = {"box": torch.tensor(1.0), "distill": torch.tensor(float("nan")), "confidence": torch.tensor(float("inf"))}
     with pytest.raises(NonFiniteLossError, match="step 7: distill=nan, confidence=inf"):

@@ -132,3 +132,20 @@ def test_onnx_graph_is_cached_and_a_damaged_cache_file_is_exported_again(tmp_pat
         assert got.shape == want.shape
         assert torch.allclose(got, want, atol=1e-3)
     assert [p.name for p in tmp_path.iterdir()] == [first.path.name]  # no temporary files left
+
+
+def test_classifier_scores_follow_the_heads_that_were_trained():
+    import numpy as np
+
+    from jointface.engines.joint_engine import _classifier_from
+    weight, bias = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([0.5, 0.0])
+    # linear head with its input scale; without one (older weights) the scale is 1
+    scaled, _ = _classifier_from({"classifier.fc.weight": weight, "classifier.fc.bias": bias,
+                                  "classifier.scale": torch.tensor(30.0)})
+    assert np.allclose(scaled, [[30.0, 0.0], [0.0, 60.0]])
+    unscaled, b = _classifier_from({"classifier.fc.weight": weight, "classifier.fc.bias": bias})
+    assert np.allclose(unscaled, weight.numpy()) and np.allclose(b, bias.numpy())
+    # margin head: cosine classifier over normalised class centres, no bias
+    cosine, none = _classifier_from({"margin.weight": weight})
+    assert np.allclose(cosine, [[1.0, 0.0], [0.0, 1.0]]) and none is None
+    assert _classifier_from({}) is None

@@ -87,6 +87,9 @@ def _classifier_from(heads: dict):
             weight = weight.float().numpy()
             if prefix == "margin.":  # cosine classifier: normalised class centres
                 weight = weight / np.maximum(np.linalg.norm(weight, axis=1, keepdims=True), 1e-12)
+            else:  # the linear head scales its input (weights saved before the scale existed: 1)
+                scale = heads.get("classifier.scale")
+                weight = weight * (1.0 if scale is None else float(scale))
             return weight, None if bias is None else bias.float().numpy()
     return None
 

@@ -34,6 +34,7 @@ class TrainConfig:
     # --- identity heads, any of: classifier, arcface | cosface, triplet, distill
     identity_heads: list[str] = field(default_factory=lambda: ["classifier", "arcface", "triplet"])
     margin_scale: float = 30.0
+    classifier_scale: float = 30.0           # the linear classifier scores scale * e (unit-norm e); 1 = unscaled
     margin: float | None = None              # default 0.5 (ArcFace) / 0.35 (CosFace)
     triplet_margin: float = 0.2
     margin_warmup_steps: int = 0             # the ArcFace/CosFace margin grows from 0 to `margin` over these steps

@@ -90,7 +90,7 @@ def build_model(config: TrainConfig, class_names: list[str], anchor_sizes: list[
                          training_data=config.data_dir)
     model = JointNet(record)
     heads = build_identity_heads(config.identity_heads, config.embedding_dim, len(class_names),
-                                 config.margin_scale, config.margin, teacher_mean)
+                                 config.margin_scale, config.margin, teacher_mean, config.classifier_scale)
     return model, heads
 
 
