@@ -50,7 +50,7 @@ def plot_det(
     """
     figure = _new_figure()
     axes = figure.add_subplot(1, 1, 1)
-    smallest = 1.0
+    smallest_fpir = smallest_fnir = 1.0
     for name, (fpir, fnir) in systems.items():
         fpir = np.asarray(fpir, dtype=np.float64)
         fnir = np.asarray(fnir, dtype=np.float64)
@@ -58,7 +58,8 @@ def plot_det(
             raise ValueError(f"{name}: fpir {fpir.shape} and fnir {fnir.shape} differ")
         drawable = (fpir > 0) & (fnir > 0)
         if drawable.any():
-            smallest = min(smallest, float(fpir[drawable].min()), float(fnir[drawable].min()))
+            smallest_fpir = min(smallest_fpir, float(fpir[drawable].min()))
+            smallest_fnir = min(smallest_fnir, float(fnir[drawable].min()))
         (line,) = axes.step(fpir[drawable], fnir[drawable], where="post", label=name, linewidth=1.5)
         for point_fpir, point_fnir in (operating_points or {}).get(name, ()):
             if point_fpir > 0 and point_fnir > 0:
@@ -67,9 +68,9 @@ def plot_det(
         axes.axvline(mark, color="0.8", linewidth=0.8, linestyle="--", zorder=0)
     axes.set_xscale("log")
     axes.set_yscale("log")
-    lower = 10 ** math.floor(math.log10(max(smallest, 1e-6)))
-    axes.set_xlim(lower, 1.0)
-    axes.set_ylim(lower, 1.0)
+    decade_below = lambda value: 10 ** math.floor(math.log10(max(value, 1e-6)))  # noqa: E731
+    axes.set_xlim(decade_below(min(smallest_fpir, min(fpir_marks, default=1.0))), 1.0)
+    axes.set_ylim(decade_below(smallest_fnir), 1.0)  # each axis down to its own data
     axes.set_xlabel("FPIR (false positive identification rate)")
     axes.set_ylabel("FNIR (false negative identification rate)")
     axes.set_title(title)
