@@ -619,6 +619,51 @@ def train(
         err.print(f"weights copied to {export}", markup=False)
 
 
+@app.command()
+@handle_errors
+def quantize(
+    photos: list[Path] = typer.Argument(..., help="Photos (or folders) of faces to calibrate on: training "
+                                                  "photos, never test ones. A `jointface organize` output "
+                                                  "folder gives its training photos only."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Weights file (default: the shipped or "
+                                                                   "$JOINTFACE_WEIGHTS weights)."),
+    count: int = typer.Option(64, "--count", min=8, help="How many photos to calibrate on (evenly spaced)."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Where to write the model (default: beside the "
+                                                                "weights, NAME.int8.onnx, where "
+                                                                "--engine jointface-int8 finds it)."),
+) -> None:
+    """Quantise the joint network to int8 for --engine jointface-int8 (calibrated on photos of faces)."""
+    from jointface.engines.joint_engine import quantize_weights
+    from jointface.imageio import list_images
+
+    paths = []
+    for given in photos:
+        listing = given / "train.jsonl"
+        if given.is_dir() and listing.is_file():  # organised training data: its train split, never its test one
+            try:
+                paths += [given / json.loads(line)["image"] for line in listing.read_text().splitlines()
+                          if line.strip()]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CliError(f"{listing}: not a `jointface organize` listing ({exc})") from exc
+        else:
+            paths += list_images([given])
+    if not paths:
+        raise CliError("no images found among the calibration photos")
+    with progress_bar("calibrating") as progress:
+        task = progress.add_task("calibrating", total=min(count, len(paths)), current="")
+        try:
+            summary = quantize_weights(weights, paths, count=count, out=out_path,
+                                       progress=lambda done, total: progress.update(task, completed=done,
+                                                                                    total=total))
+        except ValueError as exc:
+            raise CliError(str(exc)) from exc
+    for message in summary["skipped"]:
+        err.print(f"skipped: {message}", markup=False)
+    out.print(f"int8 model of {summary['weights']} (version {summary['weights_version']}) written to "
+              f"{summary['path']}: {summary['bytes'] / 1e6:.1f} MB, calibrated on {summary['photos']} photos "
+              f"at input sizes {summary['input_sizes']}", markup=False)
+
+
 def _benchmark_engines() -> list[str]:
     from jointface.engines import default_engine_name
 

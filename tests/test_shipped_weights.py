@@ -25,6 +25,19 @@ def test_weights_file_is_shipped_small_and_self_describing():
                if t.is_floating_point())
 
 
+def test_shipped_weights_have_their_int8_model_and_the_default_engine_runs_it():
+    from jointface.engines import get_engine
+    from jointface.engines.onnx_runtime import int8_model_path
+
+    int8 = int8_model_path(default_weights_path())
+    assert int8.is_file(), f"{int8} is missing: make it with `jointface quantize` (see the README)"
+    weights, model = default_weights_path().stat().st_size, int8.stat().st_size
+    assert weights + model <= 50 * 1024 * 1024
+    engine = get_engine("jointface")
+    assert engine.describe()["runtime"] == "int8"
+    assert get_engine("jointface-torch").describe()["runtime"] == "torch"
+
+
 def test_sidecar_records_the_measured_accuracy_and_gates_the_default():
     from jointface.engines import DEFAULT_ENGINE_MIN_P1_ACCURACY, default_engine_name
 
@@ -49,7 +62,8 @@ def test_jointface_search_finds_two_faces(run_cli, knn_dir, tmp_path):
 
 
 @pytest.mark.parametrize("fast_name, min_iou, min_cosine", [
-    ("jointface", 0.99, 0.999),       # BN folded + channels-last: the same arithmetic up to rounding
+    ("jointface-torch", 0.99, 0.999),  # BN folded + channels-last: the same arithmetic up to rounding
+    ("jointface", 0.95, 0.99),        # the default: int8 weights and activations (shipped int8 model)
     ("jointface-bf16", 0.9, 0.98),    # bf16 autocast: rounding of 8-bit mantissas
     ("jointface-onnx", 0.99, 0.999),  # ONNX Runtime convolutions: fp32, other summation order
 ])
@@ -149,3 +163,45 @@ def test_classifier_scores_follow_the_heads_that_were_trained():
     cosine, none = _classifier_from({"margin.weight": weight})
     assert np.allclose(cosine, [[1.0, 0.0], [0.0, 1.0]]) and none is None
     assert _classifier_from({}) is None
+
+
+def test_quantize_writes_an_int8_model_that_only_its_weights_use(run_cli, lfw_dir, tmp_path):
+    """`jointface quantize` -> NAME.int8.onnx beside the weights; jointface-int8 runs it, checked against fp32."""
+    import shutil
+
+    import numpy as np
+
+    from jointface.engines import get_engine
+    from jointface.engines.joint_engine import WeightsError
+    from jointface.imageio import load_image, resize_shorter_side
+
+    weights = tmp_path / "w.pt"
+    shutil.copy(default_weights_path(), weights)
+    with pytest.raises(WeightsError, match="jointface quantize"):  # none made yet: says how to make one
+        get_engine(f"jointface-int8@{weights}")
+    people = sorted(p for p in lfw_dir.iterdir() if p.is_dir())[100:140:2]
+    result = run_cli("quantize", "--weights", weights, "--count", "16", *people)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "w.int8.onnx").is_file() and "calibrated on 16 photos" in result.stdout
+    int8, fp32 = get_engine(f"jointface-int8@{weights}"), get_engine(f"jointface@{weights}")
+    assert int8.version == fp32.version
+    images = [resize_shorter_side(load_image(sorted(p.glob("*.jpg"))[0]), 320)
+              for p in sorted(p for p in lfw_dir.iterdir() if p.is_dir())[:40:4]]
+    for quick, ref in zip(int8.detect_batch(images), fp32.detect_batch(images)):
+        assert quick and ref
+        assert float(np.dot(quick[0].embedding, ref[0].embedding)) > 0.99
+    # made from other weights: refused, not silently used
+    other = tmp_path / "other.pt"
+    payload = torch.load(weights, weights_only=True)
+    first = next(iter(payload["state_dict"]))
+    payload["state_dict"][first] = payload["state_dict"][first] * 1.01
+    torch.save(payload, other)
+    shutil.copy(tmp_path / "w.int8.onnx", tmp_path / "other.int8.onnx")
+    with pytest.raises(WeightsError, match="quantised from weights"):
+        get_engine(f"jointface-int8@{other}")
+    (tmp_path / "other.int8.onnx").write_bytes(b"damaged")
+    with pytest.raises(WeightsError, match="not a readable ONNX model"):
+        get_engine(f"jointface-int8@{other}")
+    unreadable = run_cli("quantize", "--weights", weights, tmp_path / "nothing-here")
+    assert unreadable.returncode != 0 and "only 0 readable calibration photos" in unreadable.stderr
+    assert "nothing-here" in unreadable.stderr

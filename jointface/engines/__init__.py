@@ -36,9 +36,20 @@ def _make_dlib_cnn(**options) -> Engine:
 
 
 def _make_joint(**options) -> Engine:
+    """The joint network on its fastest checked path: int8 where the weights' int8 model is beside them
+    (``jointface quantize``; the shipped weights have one), else the fp32 torch path (``jointface-torch``)."""
     from .joint_engine import JointEngine
 
-    return JointEngine(**options)
+    return JointEngine(runtime="auto", **options)
+
+
+def _make_joint_torch(**options) -> Engine:
+    """fp32 torch, BatchNorm folded, channels-last (the default path before int8, and where no int8 model exists)."""
+    from .joint_engine import JointEngine
+
+    engine = JointEngine(runtime="torch", **options)
+    engine.name = "jointface-torch"
+    return engine
 
 
 def _make_joint_fast(**options) -> Engine:
@@ -72,11 +83,22 @@ def _make_joint_onnx(**options) -> Engine:
     return engine
 
 
+def _make_joint_int8(**options) -> Engine:
+    """The joint network quantised to int8 (``jointface quantize``) on ONNX Runtime; decoding and NMS as in torch."""
+    from .joint_engine import JointEngine
+
+    engine = JointEngine(runtime="int8", **options)
+    engine.name = "jointface-int8"
+    return engine
+
+
 _FACTORIES: dict[str, Callable[..., Engine]] = {"dlib": _make_dlib, "dlib-cnn": _make_dlib_cnn,
                                                 "jointface": _make_joint,
+                                                "jointface-torch": _make_joint_torch,
                                                 "jointface-reference": _make_joint_reference,
                                                 "jointface-bf16": _make_joint_fast,
-                                                "jointface-onnx": _make_joint_onnx}
+                                                "jointface-onnx": _make_joint_onnx,
+                                                "jointface-int8": _make_joint_int8}
 _INSTANCES: dict[tuple, Engine] = {}
 _LOCK = threading.Lock()
 
@@ -118,7 +140,8 @@ def default_engine_name() -> str:
 
 
 #: Engines that accept other weights: ``jointface@PATH`` runs the joint network with the weights file at PATH.
-WEIGHTS_ENGINES = ("jointface", "jointface-reference", "jointface-bf16", "jointface-onnx")
+WEIGHTS_ENGINES = ("jointface", "jointface-torch", "jointface-reference", "jointface-bf16", "jointface-onnx",
+                   "jointface-int8")
 
 
 def weights_label(path: str) -> str:

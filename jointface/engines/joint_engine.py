@@ -133,17 +133,25 @@ class JointEngine(Engine):
             from jointface.net.fuse import fuse_batchnorm
 
             self.model = fuse_batchnorm(self.model)
-        if runtime not in ("torch", "onnx"):
-            raise ValueError(f"unknown runtime {runtime!r}: use 'torch' or 'onnx'")
-        self.runtime = runtime
+        if runtime not in ("torch", "onnx", "int8", "auto"):
+            raise ValueError(f"unknown runtime {runtime!r}: use 'torch', 'onnx', 'int8' or 'auto'")
         self._onnx = None
-        if runtime == "onnx":  # the convolutions in ONNX Runtime; decoding and NMS stay in torch
-            from .onnx_runtime import OnnxMaps
+        if runtime == "auto":  # int8 when these weights have their int8 model beside them, else torch
+            runtime = self._auto_runtime(path, bf16, torch.get_num_threads())
+        self.runtime = runtime
+        if runtime in ("onnx", "int8"):  # the convolutions in ONNX Runtime; decoding and NMS stay in torch
+            from .onnx_runtime import Int8ModelError, OnnxMaps, int8_model_path
 
             if bf16:
-                raise ValueError("bf16 autocast is a torch option; the onnx runtime path runs fp32")
-            self._onnx = OnnxMaps(self.model, f"{self._version}-{'fused' if self.fused else 'plain'}",
-                                  threads=torch.get_num_threads())
+                raise ValueError("bf16 autocast is a torch option; the onnx runtime paths do not use it")
+            if runtime == "onnx":
+                self._onnx = OnnxMaps(self.model, f"{self._version}-{'fused' if self.fused else 'plain'}",
+                                      threads=torch.get_num_threads())
+            elif self._onnx is None:  # quantised by `jointface quantize` from these weights, saved beside them
+                try:
+                    self._onnx = OnnxMaps.int8(int8_model_path(path), self._version, torch.get_num_threads())
+                except Int8ModelError as exc:
+                    raise WeightsError(str(exc)) from exc
             channels_last = False  # ONNX Runtime takes plain contiguous arrays
         self.channels_last = bool(channels_last)
         if self.channels_last:
@@ -155,6 +163,26 @@ class JointEngine(Engine):
         self.input_size = int(input_size) if input_size else None
         self.max_faces = int(max_faces)
         self.dim = self.record.embedding_dim
+
+    def _auto_runtime(self, path: Path, bf16: bool, threads: int) -> str:
+        """``int8`` when ``<weights>.int8.onnx`` was made from these weights (and loads), else ``torch``.
+
+        A missing int8 model is normal (weights of one's own, not quantised);
+        one made from other weights, or damaged, is reported and not used.
+        """
+        from .onnx_runtime import Int8ModelError, OnnxMaps, OnnxRuntimeUnavailable, int8_model_path
+
+        int8_path = int8_model_path(path)
+        if bf16 or not int8_path.is_file():
+            return "torch"
+        try:
+            self._onnx = OnnxMaps.int8(int8_path, self._version, threads)
+        except (Int8ModelError, OnnxRuntimeUnavailable) as exc:
+            import warnings
+
+            warnings.warn(f"running the network in fp32 torch: {exc}", RuntimeWarning, stacklevel=3)
+            return "torch"
+        return "int8"
 
     @classmethod
     def _card_threshold(cls, path: Path, version: str) -> tuple[float, str]:
@@ -272,9 +300,60 @@ class JointEngine(Engine):
         lap("to_faces")
         return results
 
+    def network_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """The float32 ``(B, 3, S, S)`` network input :meth:`detect_batch` makes of ``images``."""
+        from jointface.net.model import images_to_tensor, letterbox
+
+        images = [check_image(image) for image in images]
+        size = self.input_size or self.network_input_size(max(max(image.shape[:2]) for image in images))
+        canvases = [letterbox(image, size)[0] for image in images]
+        return images_to_tensor(canvases, self.record.mean, self.record.std).numpy()
+
     def describe(self) -> dict:
         return {**super().describe(), "backbone": self.record.backbone,
                 "input_size": self.input_size or f"auto ({self.record.input_size}-{self.MAX_INPUT_SIZE})",
                 "runtime": self.runtime, "bf16": self.bf16, "channels_last": self.channels_last, "fused_batchnorm": self.fused,
                 "conf_threshold": self.conf_threshold, "nms_iou": self.nms_iou, "weights": str(self.weights_path),
                 **self.training}
+
+
+def quantize_weights(weights: str | os.PathLike | None, photos: Sequence[str | os.PathLike], count: int = 64,
+                     out: str | os.PathLike | None = None, progress=None) -> dict:
+    """Make the int8 model of a weights file (engine ``jointface-int8``), calibrated on ``photos``.
+
+    ``count`` photos, evenly spaced over the sorted list, are resized to a
+    shorter side of 320 px as `jointface organize` does. They are fed as the
+    engine feeds them, alone (batches of 8) and as 2x2 mosaics of four
+    (batches of 2), so the activation ranges cover both input sizes. Use
+    training photos, never test ones. Unreadable photos are skipped and counted.
+    Returns a summary (path, weights version, photos used, skipped, bytes).
+    """
+    from jointface.bench.speed import mosaic
+    from jointface.imageio import ImageLoadError, load_image, resize_shorter_side
+
+    from .onnx_runtime import int8_model_path, quantize_int8
+
+    engine = JointEngine(weights, channels_last=False)
+    photos = sorted(Path(p) for p in photos)
+    if not photos:
+        raise ValueError("no calibration photos")
+    step = max(1, len(photos) // max(1, count))
+    chosen = photos[::step][:count]
+    images, skipped = [], []
+    for index, path in enumerate(chosen):
+        try:
+            images.append(resize_shorter_side(load_image(path), 320))
+        except (ImageLoadError, OSError) as exc:
+            skipped.append(f"{path}: {exc}")
+        if progress is not None:
+            progress(index + 1, len(chosen))
+    if len(images) < 8:
+        first = f" (first failure: {skipped[0]})" if skipped else ""
+        raise ValueError(f"only {len(images)} readable calibration photos of {len(chosen)}: at least 8 "
+                         f"needed{first}")
+    batches = [engine.network_batch(images[i:i + 8]) for i in range(0, len(images), 8)]
+    mosaics = [mosaic(images[i:i + 4]) for i in range(0, len(images) - 3, 4)]
+    batches += [engine.network_batch(mosaics[i:i + 2]) for i in range(0, len(mosaics), 2)]
+    target = Path(out) if out is not None else int8_model_path(engine.weights_path)
+    summary = quantize_int8(engine.model, engine.version, batches, target)
+    return {**summary, "weights": str(engine.weights_path), "photos": len(images), "skipped": skipped}

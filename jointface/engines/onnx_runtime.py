@@ -5,6 +5,12 @@ convolutions) runs in ONNX Runtime; box decoding, embedding normalisation and
 NMS stay in torch, shared with the reference path. The graph is exported once
 per weights file (about 2 s) into a cache folder and reused; a damaged cached
 file is exported again.
+
+The int8 path (engine ``jointface-int8``) runs a statically quantised copy of
+that graph: weights int8 per output channel, activations uint8 with ranges
+measured on calibration photos (``jointface quantize``, :func:`quantize_int8`).
+It is saved beside the weights file as ``<name>.int8.onnx`` and names the
+weights version it was made from, so it is never used with other weights.
 """
 
 from __future__ import annotations
@@ -19,6 +25,42 @@ import numpy as np
 
 class OnnxRuntimeUnavailable(RuntimeError):
     pass
+
+
+class Int8ModelError(ValueError):
+    """No usable int8 model for these weights (missing, damaged, or made from other weights)."""
+
+
+INT8_SUFFIX = ".int8.onnx"
+#: ONNX metadata key naming the weights version an int8 model was quantised from
+VERSION_KEY = "jointface_weights_version"
+
+
+def int8_model_path(weights_path: str | os.PathLike) -> Path:
+    """Where the int8 model of a weights file lives: beside it, ``<name>.int8.onnx``."""
+    weights_path = Path(weights_path)
+    return weights_path.with_name(weights_path.name.removesuffix(".pt") + INT8_SUFFIX)
+
+
+def _session_options(ort, threads: int):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, int(threads))
+    options.inter_op_num_threads = 1
+    # idle ORT threads otherwise spin for the next run, taking the cores from what follows each batch
+    # (decoding, NMS, gallery search): measured 66 against 88 photos/s with a search after each batch
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return options
+
+
+def _import_ort():
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise OnnxRuntimeUnavailable("the onnx runtime paths need the onnxruntime package "
+                                     "(pip install onnxruntime)") from exc
+    return ort
 
 
 def cache_dir() -> Path:
@@ -58,21 +100,10 @@ class OnnxMaps:
     """``(B, 3, H, W)`` float tensor -> the network's two output maps, computed by ONNX Runtime."""
 
     def __init__(self, model, key: str, threads: int, folder: Path | None = None):
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise OnnxRuntimeUnavailable("the onnx runtime path needs the onnxruntime package "
-                                         "(pip install onnxruntime)") from exc
+        ort = _import_ort()
         import torch
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = max(1, int(threads))
-        options.inter_op_num_threads = 1
-        # idle ORT threads otherwise spin for the next run, taking the cores from what follows each batch
-        # (decoding, NMS, gallery search): measured 66 against 88 photos/s with a search after each batch
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
+        options = _session_options(ort, threads)
         folder = folder or cache_dir()
         name = f"{key}-torch{torch.__version__.split('+')[0]}-ort{ort.__version__}.onnx"
         try:
@@ -94,9 +125,98 @@ class OnnxMaps:
         _export(model, path, model.record.input_size)
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
+    @classmethod
+    def int8(cls, path: str | os.PathLike, weights_version: str, threads: int) -> "OnnxMaps":
+        """The int8 model at ``path``, checked to be made from weights ``weights_version``."""
+        ort = _import_ort()
+        path = Path(path)
+        if not path.is_file():
+            raise Int8ModelError(f"no int8 model for these weights at {path}: make one with "
+                                 f"`jointface quantize PHOTOS_DIR` (calibrates on photos of faces)")
+        try:
+            session = ort.InferenceSession(str(path), _session_options(ort, threads),
+                                           providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+            raise Int8ModelError(f"{path}: not a readable ONNX model ({exc}); make it again with "
+                                 f"`jointface quantize`") from exc
+        made_from = session.get_modelmeta().custom_metadata_map.get(VERSION_KEY)
+        if made_from != weights_version:
+            raise Int8ModelError(f"{path} was quantised from weights {made_from or 'unknown'}, not these "
+                                 f"({weights_version}): make it again with `jointface quantize`")
+        maps = cls.__new__(cls)
+        maps.session, maps.path = session, path
+        return maps
+
     def __call__(self, images):
         import torch
 
         array = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
         detection, embedding = self.session.run(None, {"images": array})
         return torch.from_numpy(detection), torch.from_numpy(embedding)
+
+
+def quantize_int8(model, weights_version: str, batches, out_path: str | os.PathLike) -> dict:
+    """Quantise the (BatchNorm-folded) network to int8 and write it to ``out_path``.
+
+    ``batches``: ``(B, 3, H, W)`` float32 arrays as the engine feeds them (any
+    sizes); activation ranges are their minimum and maximum. Weights are int8
+    per output channel, activations uint8 (QDQ format); the convolutions that
+    give the output maps stay fp32. The file is written atomically and records
+    ``weights_version``.
+    """
+    _import_ort()
+    import logging
+
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    batches = [np.ascontiguousarray(batch, dtype=np.float32) for batch in batches]
+    if not batches:
+        raise ValueError("no calibration batches")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._items = iter({"images": batch} for batch in batches)
+
+        def get_next(self):
+            return next(self._items, None)
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="jointface-int8-") as scratch:
+        fp32, quantized = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"
+        _export(model, fp32, model.record.input_size)
+        # the output convolutions stay fp32: one uint8 range over the detection map's box offsets and
+        # confidence logits together left boxes off by up to 0.11 IoU; they are a small share of the time
+        graph = onnx.load(str(fp32))
+        outputs = {output.name for output in graph.graph.output}
+        keep_fp32 = [node.name for node in graph.graph.node if set(node.output) & outputs]
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # ORT's quantiser logs advice through the root logger
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantize_static(str(fp32), str(quantized), Reader(), quant_format=QuantFormat.QDQ,
+                                per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=keep_fp32,
+                                extra_options={"CalibTensorRangeSymmetric": False})
+        finally:
+            root.setLevel(level)
+        graph = onnx.load(str(quantized))
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = VERSION_KEY, weights_version
+        fd, tmp = tempfile.mkstemp(prefix=out_path.name + ".", suffix=".tmp", dir=out_path.parent)
+        os.close(fd)
+        try:
+            onnx.save(graph, tmp)
+            os.chmod(tmp, 0o644)  # mkstemp makes it private
+            os.replace(tmp, out_path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return {"path": str(out_path), "weights_version": weights_version, "batches": len(batches),
+            "images": int(sum(batch.shape[0] for batch in batches)),
+            "input_sizes": sorted({int(batch.shape[-1]) for batch in batches}),
+            "bytes": out_path.stat().st_size}
