@@ -98,6 +98,11 @@ def version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings (a stale int8 model, say) as one `warning: ...` line, without source lines."""
+    err.print(f"warning: {message}", markup=False)
+
+
 @app.callback()
 def main_options(
     ctx: typer.Context,
@@ -106,8 +111,9 @@ def main_options(
     db_url: Optional[str] = typer.Option(None, "--db-url", help="SQLAlchemy database URL (default: SQLite in the "
                                                                 "home folder; $JOINTFACE_DB_URL)."),
     engine: Optional[str] = typer.Option(None, "--engine", help="Face engine: jointface or dlib (default: "
-                                                                "jointface when its weights are present); "
-                                                                "jointface@PATH runs other weights."),
+                                                                "jointface when its shipped weights reach 90% "
+                                                                "P1 accuracy, else dlib); jointface@PATH runs "
+                                                                "other weights."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for the network."),
     index_kind: Optional[str] = typer.Option(None, "--index-kind", help="Vector index: auto (exact search below "
                                                                         "100,000 faces, IVF above), flat, ivf or "
@@ -115,8 +121,11 @@ def main_options(
     version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
+    import warnings
+
     from index.vectors import INDEX_KINDS
 
+    warnings.showwarning = _show_warning
     if index_kind is not None and index_kind not in INDEX_KINDS:
         raise typer.BadParameter(f"unknown index kind {index_kind!r}; choose one of {', '.join(INDEX_KINDS)}",
                                  param_hint="--index-kind")
@@ -640,10 +649,11 @@ def quantize(
     for given in photos:
         listing = given / "train.jsonl"
         if given.is_dir() and listing.is_file():  # organised training data: its train split, never its test one
+            from jointface.train.data import load_class_names, load_records
+
             try:
-                paths += [given / json.loads(line)["image"] for line in listing.read_text().splitlines()
-                          if line.strip()]
-            except (ValueError, KeyError, TypeError) as exc:
+                paths += [record.image_path for record in load_records(given, "train", load_class_names(given))]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise CliError(f"{listing}: not a `jointface organize` listing ({exc})") from exc
         else:
             paths += list_images([given])

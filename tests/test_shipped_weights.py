@@ -183,7 +183,7 @@ def test_quantize_writes_an_int8_model_that_only_its_weights_use(run_cli, lfw_di
     result = run_cli("quantize", "--weights", weights, "--count", "16", *people)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "w.int8.onnx").is_file() and "calibrated on 16 photos" in result.stdout
-    int8, fp32 = get_engine(f"jointface-int8@{weights}"), get_engine(f"jointface@{weights}")
+    int8, fp32 = get_engine(f"jointface-int8@{weights}"), get_engine(f"jointface-torch@{weights}")
     assert int8.version == fp32.version
     images = [resize_shorter_side(load_image(sorted(p.glob("*.jpg"))[0]), 320)
               for p in sorted(p for p in lfw_dir.iterdir() if p.is_dir())[:40:4]]

@@ -135,23 +135,26 @@ class JointEngine(Engine):
             self.model = fuse_batchnorm(self.model)
         if runtime not in ("torch", "onnx", "int8", "auto"):
             raise ValueError(f"unknown runtime {runtime!r}: use 'torch', 'onnx', 'int8' or 'auto'")
+        if runtime in ("onnx", "int8") and bf16:
+            raise ValueError("bf16 autocast is a torch option; the onnx runtime paths do not use it")
         self._onnx = None
         if runtime == "auto":  # int8 when these weights have their int8 model beside them, else torch
-            runtime = self._auto_runtime(path, bf16, torch.get_num_threads())
-        self.runtime = runtime
-        if runtime in ("onnx", "int8"):  # the convolutions in ONNX Runtime; decoding and NMS stay in torch
+            self._onnx = None if bf16 else self._int8_if_present(path, torch.get_num_threads())
+            runtime = "torch" if self._onnx is None else "int8"
+        elif runtime == "int8":  # quantised by `jointface quantize` from these weights, saved beside them
             from .onnx_runtime import Int8ModelError, OnnxMaps, int8_model_path
 
-            if bf16:
-                raise ValueError("bf16 autocast is a torch option; the onnx runtime paths do not use it")
-            if runtime == "onnx":
-                self._onnx = OnnxMaps(self.model, f"{self._version}-{'fused' if self.fused else 'plain'}",
-                                      threads=torch.get_num_threads())
-            elif self._onnx is None:  # quantised by `jointface quantize` from these weights, saved beside them
-                try:
-                    self._onnx = OnnxMaps.int8(int8_model_path(path), self._version, torch.get_num_threads())
-                except Int8ModelError as exc:
-                    raise WeightsError(str(exc)) from exc
+            try:
+                self._onnx = OnnxMaps.int8(int8_model_path(path), self._version, torch.get_num_threads())
+            except Int8ModelError as exc:
+                raise WeightsError(str(exc)) from exc
+        elif runtime == "onnx":  # the convolutions in ONNX Runtime; decoding and NMS stay in torch
+            from .onnx_runtime import OnnxMaps
+
+            self._onnx = OnnxMaps(self.model, f"{self._version}-{'fused' if self.fused else 'plain'}",
+                                  threads=torch.get_num_threads())
+        self.runtime = runtime
+        if self._onnx is not None:
             channels_last = False  # ONNX Runtime takes plain contiguous arrays
         self.channels_last = bool(channels_last)
         if self.channels_last:
@@ -164,8 +167,8 @@ class JointEngine(Engine):
         self.max_faces = int(max_faces)
         self.dim = self.record.embedding_dim
 
-    def _auto_runtime(self, path: Path, bf16: bool, threads: int) -> str:
-        """``int8`` when ``<weights>.int8.onnx`` was made from these weights (and loads), else ``torch``.
+    def _int8_if_present(self, path: Path, threads: int):
+        """The int8 model ``<weights>.int8.onnx`` when it was made from these weights and loads, else None.
 
         A missing int8 model is normal (weights of one's own, not quantised);
         one made from other weights, or damaged, is reported and not used.
@@ -173,16 +176,15 @@ class JointEngine(Engine):
         from .onnx_runtime import Int8ModelError, OnnxMaps, OnnxRuntimeUnavailable, int8_model_path
 
         int8_path = int8_model_path(path)
-        if bf16 or not int8_path.is_file():
-            return "torch"
+        if not int8_path.is_file():
+            return None
         try:
-            self._onnx = OnnxMaps.int8(int8_path, self._version, threads)
+            return OnnxMaps.int8(int8_path, self._version, threads)
         except (Int8ModelError, OnnxRuntimeUnavailable) as exc:
             import warnings
 
             warnings.warn(f"running the network in fp32 torch: {exc}", RuntimeWarning, stacklevel=3)
-            return "torch"
-        return "int8"
+            return None
 
     @classmethod
     def _card_threshold(cls, path: Path, version: str) -> tuple[float, str]:
@@ -260,7 +262,7 @@ class JointEngine(Engine):
 
         import torch
 
-        from jointface.net.model import images_to_tensor, letterbox, postprocess
+        from jointface.net.model import images_to_tensor, postprocess
 
         if len(images) == 0:
             return []
@@ -272,9 +274,7 @@ class JointEngine(Engine):
                 timings[step] = timings.get(step, 0.0) + now - clock["now"]
             clock["now"] = now
 
-        images = [check_image(image) for image in images]
-        size = self.input_size or self.network_input_size(max(max(image.shape[:2]) for image in images))
-        placed = [letterbox(image, size) for image in images]
+        images, placed = self._place(images)
         lap("letterbox")
         batch = images_to_tensor([canvas for canvas, _ in placed], self.record.mean, self.record.std).to(self.device)
         if self.channels_last:
@@ -300,14 +300,20 @@ class JointEngine(Engine):
         lap("to_faces")
         return results
 
-    def network_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """The float32 ``(B, 3, S, S)`` network input :meth:`detect_batch` makes of ``images``."""
-        from jointface.net.model import images_to_tensor, letterbox
+    def _place(self, images: Sequence[np.ndarray]):
+        """Checked images and their letterboxed canvases with placements, at the input size for the batch."""
+        from jointface.net.model import letterbox
 
         images = [check_image(image) for image in images]
         size = self.input_size or self.network_input_size(max(max(image.shape[:2]) for image in images))
-        canvases = [letterbox(image, size)[0] for image in images]
-        return images_to_tensor(canvases, self.record.mean, self.record.std).numpy()
+        return images, [letterbox(image, size) for image in images]
+
+    def network_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """The float32 ``(B, 3, S, S)`` network input :meth:`detect_batch` makes of ``images``."""
+        from jointface.net.model import images_to_tensor
+
+        _, placed = self._place(images)
+        return images_to_tensor([canvas for canvas, _ in placed], self.record.mean, self.record.std).numpy()
 
     def describe(self) -> dict:
         return {**super().describe(), "backbone": self.record.backbone,
