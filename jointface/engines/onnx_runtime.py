@@ -47,7 +47,7 @@ def _session_options(ort, threads: int):
     options.intra_op_num_threads = max(1, int(threads))
     options.inter_op_num_threads = 1
     # idle ORT threads otherwise spin for the next run, taking the cores from what follows each batch
-    # (decoding, NMS, gallery search): measured 66 against 88 photos/s with a search after each batch
+    # (decoding, NMS, gallery search); the P4 step profile shows the search time per photo
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
