@@ -267,3 +267,29 @@ def test_engine_fast_path_equals_reference_path(tmp_path):
         assert np.allclose(ref.box, quick.box, atol=1e-2)
         assert abs(ref.score - quick.score) < 1e-4
         assert float(np.dot(ref.embedding, quick.embedding)) > 0.9999
+
+
+def test_merge_flipped_pairs_mirror_detections_and_averages_them():
+    """Flip TTA on hand-built detections: boxes mapped back from the mirror, paired by IoU, averaged."""
+    from jointface.net.model import Detections, merge_flipped
+
+    width = 100
+    e = torch.eye(4)
+    found = Detections(boxes=torch.tensor([[10., 10., 30., 40.], [60., 20., 90., 50.]]),
+                       scores=torch.tensor([0.9, 0.8]), embeddings=e[:2].clone(), anchor_idx=torch.tensor([3, 7]))
+    # Mirror view: the first face mirrored and shifted by 2 px; a face only the mirror sees; the second face missing.
+    mirrored = Detections(boxes=torch.tensor([[72., 10., 92., 40.], [0., 0., 5., 5.]]),
+                          scores=torch.tensor([0.7, 0.95]), embeddings=e[2:4].clone(), anchor_idx=torch.tensor([1, 2]))
+    merged = merge_flipped(found, mirrored, width)
+    assert merged.boxes.shape == (2, 4)  # the faces are found's: the mirror-only face is dropped
+    # mirrored back: [8, 10, 28, 40]; mean with [10, 10, 30, 40]
+    assert torch.allclose(merged.boxes[0], torch.tensor([9., 10., 29., 40.]))
+    assert merged.scores[0].item() == pytest.approx(0.8)
+    assert torch.allclose(merged.embeddings[0], torch.tensor([1., 0., 1., 0.]) / math.sqrt(2))
+    # the unpaired face keeps its own values
+    assert torch.equal(merged.boxes[1], found.boxes[1]) and torch.equal(merged.embeddings[1], e[1])
+    assert merged.scores[1].item() == pytest.approx(0.8)
+    assert torch.equal(merged.anchor_idx, found.anchor_idx)
+    # nothing in the mirror: found unchanged
+    empty = Detections(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
+    assert merge_flipped(found, empty, width) is found

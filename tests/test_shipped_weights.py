@@ -86,6 +86,39 @@ def test_fast_paths_match_the_reference_path(lfw_dir, fast_name, min_iou, min_co
         assert float(np.dot(ref.embedding, quick.embedding)) > min_cosine
 
 
+def test_flip_engine_sees_a_photo_and_its_mirror_alike(lfw_dir):
+    """jointface-flip averages each face over the photo and its mirror: so a mirrored photo gives the same
+    face (box mirrored, embedding equal up to int8 rounding), and the face stays the plain path's face."""
+    import numpy as np
+
+    from jointface.bench.metrics import box_iou_np
+    from jointface.engines import get_engine
+    from jointface.imageio import load_image, resize_shorter_side
+
+    flip, plain = get_engine("jointface-flip"), get_engine("jointface")
+    assert flip.version == plain.version and flip.name == "jointface-flip" and flip.flip
+    people = sorted(p for p in lfw_dir.iterdir() if p.is_dir())[2:40:4]
+    images = [resize_shorter_side(load_image(sorted(p.glob("*.jpg"))[0]), 320) for p in people]
+    mirrors = [np.ascontiguousarray(image[:, ::-1]) for image in images]
+    gains = []
+    for image, faces, mirror_faces, plain_faces in zip(images, flip.detect_batch(images), flip.detect_batch(mirrors),
+                                                       plain.detect_batch(images)):
+        if not plain_faces:  # a photo the network misses (one of these ten)
+            assert not faces
+            continue
+        assert faces and mirror_faces
+        face, mirror, single = faces[0], mirror_faces[0], plain_faces[0]
+        width = image.shape[1]
+        x1, y1, x2, y2 = mirror.box
+        assert box_iou_np(np.array([face.box]), np.array([[width - x2, y1, width - x1, y2]]))[0, 0] > 0.95
+        assert float(np.dot(face.embedding, mirror.embedding)) > 0.99
+        assert box_iou_np(np.array([face.box]), np.array([single.box]))[0, 0] > 0.8
+        assert abs(float(np.linalg.norm(face.embedding)) - 1.0) < 1e-4
+        gains.append(float(np.dot(face.embedding, single.embedding)))
+    # the mirror view moves the embedding, but it stays the same face's
+    assert len(gains) >= 8 and min(gains) > 0.7 and max(gains) < 0.9999
+
+
 def test_engine_at_weights_path_loads_those_weights_under_its_own_name(tmp_path):
     """``jointface@PATH``: other weights, side by side with the shipped ones, with a gallery name of their own."""
     import shutil

@@ -103,7 +103,8 @@ class JointEngine(Engine):
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str = "cpu", bf16: bool = False,
                  conf_threshold: float = 0.7, nms_iou: float = 0.4, input_size: int | None = None,
-                 max_faces: int = 100, channels_last: bool = True, fuse: bool = True, runtime: str = "torch"):
+                 max_faces: int = 100, channels_last: bool = True, fuse: bool = True, runtime: str = "torch",
+                 flip: bool = False):
         import torch
 
         from jointface.net.model import JointNet, ModelRecord
@@ -165,6 +166,8 @@ class JointEngine(Engine):
         # None: chosen per batch from the image size (see network_input_size).
         self.input_size = int(input_size) if input_size else None
         self.max_faces = int(max_faces)
+        # Flip test-time augmentation: each image also runs mirrored (see merge_flipped).
+        self.flip = bool(flip)
         self.dim = self.record.embedding_dim
 
     def _int8_if_present(self, path: Path, threads: int):
@@ -262,7 +265,7 @@ class JointEngine(Engine):
 
         import torch
 
-        from jointface.net.model import images_to_tensor, postprocess
+        from jointface.net.model import images_to_tensor, merge_flipped, postprocess
 
         if len(images) == 0:
             return []
@@ -277,6 +280,8 @@ class JointEngine(Engine):
         images, placed = self._place(images)
         lap("letterbox")
         batch = images_to_tensor([canvas for canvas, _ in placed], self.record.mean, self.record.std).to(self.device)
+        if self.flip:  # the mirrored canvases ride in the same batch
+            batch = torch.cat([batch, batch.flip(-1)])
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         lap("normalise")
@@ -284,6 +289,9 @@ class JointEngine(Engine):
             output = self.model(batch) if self._onnx is None else self.model.output_from_maps(*self._onnx(batch))
         lap("network")
         detections = postprocess(output, self.model.anchor_grid, self.conf_threshold, self.nms_iou, self.max_faces)
+        if self.flip:
+            detections = [merge_flipped(found, mirrored, batch.shape[-1])
+                          for found, mirrored in zip(detections[:len(images)], detections[len(images):])]
         lap("decode_nms")
         results = []
         for image, (_, placement), found in zip(images, placed, detections):
@@ -318,7 +326,7 @@ class JointEngine(Engine):
     def describe(self) -> dict:
         return {**super().describe(), "backbone": self.record.backbone,
                 "input_size": self.input_size or f"auto ({self.record.input_size}-{self.MAX_INPUT_SIZE})",
-                "runtime": self.runtime, "bf16": self.bf16, "channels_last": self.channels_last, "fused_batchnorm": self.fused,
+                "runtime": self.runtime, "flip_tta": self.flip, "bf16": self.bf16, "channels_last": self.channels_last, "fused_batchnorm": self.fused,
                 "conf_threshold": self.conf_threshold, "nms_iou": self.nms_iou, "weights": str(self.weights_path),
                 **self.training}
 

@@ -43,7 +43,7 @@ from PIL import Image
 from torch import nn
 
 from .anchors import AnchorGrid
-from .boxes import BoxCoder, logit, nms
+from .boxes import BoxCoder, box_iou, logit, nms
 from .resnet import ResNet, build_resnet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -364,3 +364,32 @@ def postprocess(output: JointOutput, anchor_grid: AnchorGrid, conf_threshold: fl
         results.append(Detections(boxes[image, kept], scores[image, kept],
                                   output.embeddings[image, kept].float(), kept))
     return results
+
+
+def merge_flipped(found: Detections, mirrored: Detections, canvas_width: int, match_iou: float = 0.5) -> Detections:
+    """Flip test-time augmentation: ``found`` (one image) joined with ``mirrored`` (the same canvas mirrored).
+
+    The mirrored detections' boxes are mapped back (``x -> canvas_width - x``)
+    and paired greedily, best IoU first, with ``found``'s (IoU >= ``match_iou``).
+    A paired face gets the mean of the two boxes and scores and the
+    L2-normalised sum of the two embeddings, the embedding of the face and of
+    its mirror image. The faces are ``found``'s: one seen only in the mirror
+    is dropped, one not seen there keeps its own values.
+    """
+    if len(found.scores) == 0 or len(mirrored.scores) == 0:
+        return found
+    back = mirrored.boxes.float().clone()
+    back[:, 0], back[:, 2] = canvas_width - mirrored.boxes[:, 2], canvas_width - mirrored.boxes[:, 0]
+    iou = box_iou(found.boxes.float(), back)
+    boxes, scores, embeddings = found.boxes.float().clone(), found.scores.float().clone(), found.embeddings.float().clone()
+    while True:
+        best = int(iou.argmax())
+        i, j = divmod(best, iou.shape[1])
+        if float(iou[i, j]) < match_iou:
+            break
+        boxes[i] = (boxes[i] + back[j]) / 2
+        scores[i] = (scores[i] + mirrored.scores[j].float()) / 2
+        embeddings[i] = F.normalize(embeddings[i] + mirrored.embeddings[j].float(), dim=0)
+        iou[i, :] = -1.0
+        iou[:, j] = -1.0
+    return Detections(boxes, scores, embeddings, found.anchor_idx)
