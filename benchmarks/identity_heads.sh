@@ -3,7 +3,8 @@
 # trained with each identity head alone, and the shipped recipe with and
 # without distillation, all at one equal budget (10 epochs from scratch,
 # jointface/configs/p2_heads_resnet18_160_10ep.json), then P2 with every
-# network, dlib and the shipped weights in one run.
+# network, dlib and the shipped weights (plain and with flip test-time
+# augmentation) in one run.
 #
 #   benchmarks/identity_heads.sh DATA_DIR [RUNS_DIR [MORE_WEIGHTS.pt ...]]
 #
@@ -16,7 +17,7 @@ data=${1:?usage: $0 DATA_DIR [RUNS_DIR]}
 runs=${2:-$HOME/.cache/jointface/identity-heads}
 shift $(( $# < 2 ? $# : 2 ))
 config=jointface/configs/p2_heads_resnet18_160_10ep.json
-engines=(-e dlib -e jointface)
+engines=(-e dlib -e jointface -e jointface-flip)
 mkdir -p "$runs"
 for heads in cosface cosface,distill distill classifier arcface triplet; do
   label=heads-${heads/,/+}
