@@ -125,3 +125,22 @@ def test_p2_markdown_shows_training_calibration_and_transfer_per_engine():
     assert "| dlib | 0.900 | 1.20% | 50.00% | 0.800 | 9.00% | 70.00% |" in text
     assert "| jointface@heads-triplet | 12 | 75.00% | 80.00% |" in text
     assert "dlib | cosface" not in text  # dlib was not trained here: no training row
+
+
+def test_benchmark_outputs_do_not_mark_a_run_as_uncommitted():
+    """Results, the README and the weights card are the benchmarks' own output; code changes are listed."""
+    from jointface.bench.report import _uncommitted
+    from jointface.bench.run import changed_sources
+
+    porcelain = (" M README.md\n M benchmarks/results/p1.json\nM  benchmarks/results/p2_det.png\n"
+                 " M jointface/weights/jointface.json\n")
+    assert changed_sources(porcelain) == []
+    porcelain += " M jointface/engines/joint_engine.py\nR  old.py -> jointface/new.py\n M jointface/weights/jointface.pt\n"
+    changed = changed_sources(porcelain)
+    assert changed == ["jointface/engines/joint_engine.py", "jointface/new.py", "jointface/weights/jointface.pt"]
+    assert changed_sources(" M benchmarks/results_old/x.json\n") == ["benchmarks/results_old/x.json"]
+    assert _uncommitted({"git_dirty": False}) == ""
+    assert _uncommitted({"git_dirty": True}) == " (uncommitted changes)"  # results written before the list
+    assert _uncommitted({"git_dirty": True, "git_changed": changed}) == (
+        " (uncommitted changes: jointface/engines/joint_engine.py, jointface/new.py, jointface/weights/jointface.pt)")
+    assert _uncommitted({"git_dirty": True, "git_changed": changed + ["a.py"]}).endswith("and 1 more)")

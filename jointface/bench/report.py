@@ -15,6 +15,15 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 ORDER = ("p1", "p2", "p3", "p4", "p5")
 
 
+def _uncommitted(env: dict) -> str:
+    """`` (uncommitted changes: a.py, b.py)`` when the run's sources differed from its commit, else ``""``."""
+    if not env.get("git_dirty"):
+        return ""
+    changed = env.get("git_changed") or []  # absent in results written before the list was recorded
+    names = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+    return f" (uncommitted changes: {names})" if names else " (uncommitted changes)"
+
+
 def results_markdown(results_dir: Path) -> str:
     parts = []
     for stem in ORDER:
@@ -24,7 +33,7 @@ def results_markdown(results_dir: Path) -> str:
         result = json.loads(path.read_text())
         env = result.get("environment", {})
         engines = ", ".join(f"{name} `{record.get('version')}`" for name, record in result.get("engines", {}).items())
-        commit = (env.get("git_commit") or "?")[:10] + (" (uncommitted changes)" if env.get("git_dirty") else "")
+        commit = (env.get("git_commit") or "?")[:10] + _uncommitted(env)
         parts.append(markdown_for(result).rstrip() + "\n\n"
                      f"<sub>{path.as_posix()}: {env.get('date')}, commit {commit}, {env.get('cpu')} "
                      f"({env.get('cpu_count')} cores, {env.get('torch_threads')} torch threads); engines: "

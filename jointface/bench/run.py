@@ -337,6 +337,21 @@ def run_p3(engines: Sequence[Engine], ctx: BenchContext) -> dict:
 # -- results -------------------------------------------------------------------------------
 
 
+#: What the benchmarks write themselves (results, the README's results section, the weights card), and the
+#: README's prose: changes there do not make a run's code differ from its commit.
+BENCHMARK_OUTPUTS = ("benchmarks/results/", "README.md", "jointface/weights/jointface.json")
+
+
+def changed_sources(porcelain: str) -> list[str]:
+    """Tracked files changed since the commit (``git status --porcelain`` text), less :data:`BENCHMARK_OUTPUTS`."""
+    changed = []
+    for line in porcelain.splitlines():
+        path = line[3:].split(" -> ")[-1].strip().strip('"')
+        if path and not any(path == out or (out.endswith("/") and path.startswith(out)) for out in BENCHMARK_OUTPUTS):
+            changed.append(path)
+    return changed
+
+
 def environment() -> dict:
     import torch
 
@@ -351,12 +366,13 @@ def environment() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
+        changed = changed_sources(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                                 cwd=REPO, capture_output=True, text=True, timeout=10).stdout)
+        dirty = bool(changed)
     except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
+        commit, dirty, changed = None, None, None
     return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "git_commit": commit,
-            "git_dirty": dirty, "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "git_dirty": dirty, "git_changed": changed, "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version()}
 
 
