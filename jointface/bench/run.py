@@ -372,7 +372,8 @@ def environment() -> dict:
     except (OSError, subprocess.SubprocessError):
         commit, dirty, changed = None, None, None
     return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "git_commit": commit,
-            "git_dirty": dirty, "git_changed": changed, "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "git_dirty": dirty, "git_changed": changed, "cpu": cpu, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
             "python": platform.python_version()}
 
 

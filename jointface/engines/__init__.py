@@ -35,81 +35,43 @@ def _make_dlib_cnn(**options) -> Engine:
     return DlibEngine(detector="cnn", **options)
 
 
-def _make_joint(**options) -> Engine:
-    """The joint network on its fastest checked path: int8 where the weights' int8 model is beside them
-    (``jointface quantize``; the shipped weights have one), else the fp32 torch path (``jointface-torch``)."""
-    from .joint_engine import JointEngine
-
-    return JointEngine(runtime="auto", **options)
-
-
-def _make_joint_torch(**options) -> Engine:
-    """fp32 torch, BatchNorm folded, channels-last (the default path before int8, and where no int8 model exists)."""
-    from .joint_engine import JointEngine
-
-    engine = JointEngine(runtime="torch", **options)
-    engine.name = "jointface-torch"
-    return engine
-
-
-def _make_joint_fast(**options) -> Engine:
-    """The joint network's fast path: bf16 autocast and channels-last (checked against fp32 in P1)."""
-    from .joint_engine import JointEngine
-
-    engine = JointEngine(bf16=True, channels_last=True, **options)
-    engine.name = "jointface-bf16"
-    return engine
+#: The joint network's paths: engine name -> the JointEngine options that make it. All read the same
+#: weights (one engine version), but each keeps a gallery of its own.
+JOINT_VARIANTS: dict[str, dict] = {
+    # the fastest checked path: int8 where the weights' int8 model is beside them (`jointface quantize`;
+    # the shipped weights have one), else fp32 torch
+    "jointface": {"runtime": "auto"},
+    # fp32 torch, BatchNorm folded, channels-last (the default path before int8, and where no int8 model exists)
+    "jointface-torch": {"runtime": "torch"},
+    # exactly as trained: fp32, BatchNorm unfolded, plain memory layout; the reference the other paths are
+    # checked against, in the tests and in P1
+    "jointface-reference": {"fuse": False, "channels_last": False},
+    # bf16 autocast and channels-last (checked against fp32 in P1)
+    "jointface-bf16": {"bf16": True, "channels_last": True},
+    # the convolutions on ONNX Runtime (BatchNorm folded); decoding and NMS as in torch
+    "jointface-onnx": {"runtime": "onnx"},
+    # quantised to int8 (`jointface quantize`) on ONNX Runtime; decoding and NMS as in torch
+    "jointface-int8": {"runtime": "int8"},
+    # the default path with flip test-time augmentation: every photo also runs mirrored, and each face's
+    # embedding is the mean of both views (about half the speed)
+    "jointface-flip": {"runtime": "auto", "flip": True},
+}
 
 
-def _make_joint_reference(**options) -> Engine:
-    """The joint network exactly as trained: fp32, BatchNorm unfolded, plain memory layout.
+def _joint_factory(name: str, fixed: dict) -> Callable[..., Engine]:
+    def make(**options) -> Engine:
+        from .joint_engine import JointEngine
 
-    The reference that the default ``jointface`` path (BatchNorm folded,
-    channels-last) is checked against, in the tests and in P1.
-    """
-    from .joint_engine import JointEngine
+        engine = JointEngine(**fixed, **options)
+        engine.name = name
+        return engine
 
-    engine = JointEngine(fuse=False, channels_last=False, **options)
-    engine.name = "jointface-reference"
-    return engine
-
-
-def _make_joint_onnx(**options) -> Engine:
-    """The joint network's convolutions on ONNX Runtime (BatchNorm folded); decoding and NMS as in torch."""
-    from .joint_engine import JointEngine
-
-    engine = JointEngine(runtime="onnx", **options)
-    engine.name = "jointface-onnx"
-    return engine
-
-
-def _make_joint_int8(**options) -> Engine:
-    """The joint network quantised to int8 (``jointface quantize``) on ONNX Runtime; decoding and NMS as in torch."""
-    from .joint_engine import JointEngine
-
-    engine = JointEngine(runtime="int8", **options)
-    engine.name = "jointface-int8"
-    return engine
-
-
-def _make_joint_flip(**options) -> Engine:
-    """The default joint path (int8 where present) with flip test-time augmentation: every photo also runs
-    mirrored, and each face's embedding is the mean of both views (about half the speed)."""
-    from .joint_engine import JointEngine
-
-    engine = JointEngine(runtime="auto", flip=True, **options)
-    engine.name = "jointface-flip"
-    return engine
+    return make
 
 
 _FACTORIES: dict[str, Callable[..., Engine]] = {"dlib": _make_dlib, "dlib-cnn": _make_dlib_cnn,
-                                                "jointface": _make_joint,
-                                                "jointface-torch": _make_joint_torch,
-                                                "jointface-reference": _make_joint_reference,
-                                                "jointface-bf16": _make_joint_fast,
-                                                "jointface-onnx": _make_joint_onnx,
-                                                "jointface-int8": _make_joint_int8,
-                                                "jointface-flip": _make_joint_flip}
+                                                **{name: _joint_factory(name, fixed)
+                                                   for name, fixed in JOINT_VARIANTS.items()}}
 _INSTANCES: dict[tuple, Engine] = {}
 _LOCK = threading.Lock()
 
@@ -151,8 +113,7 @@ def default_engine_name() -> str:
 
 
 #: Engines that accept other weights: ``jointface@PATH`` runs the joint network with the weights file at PATH.
-WEIGHTS_ENGINES = ("jointface", "jointface-torch", "jointface-reference", "jointface-bf16", "jointface-onnx",
-                   "jointface-int8", "jointface-flip")
+WEIGHTS_ENGINES = tuple(JOINT_VARIANTS)
 
 
 def weights_label(path: str) -> str:

@@ -326,7 +326,8 @@ class JointEngine(Engine):
     def describe(self) -> dict:
         return {**super().describe(), "backbone": self.record.backbone,
                 "input_size": self.input_size or f"auto ({self.record.input_size}-{self.MAX_INPUT_SIZE})",
-                "runtime": self.runtime, "flip_tta": self.flip, "bf16": self.bf16, "channels_last": self.channels_last, "fused_batchnorm": self.fused,
+                "runtime": self.runtime, "flip_tta": self.flip, "bf16": self.bf16,
+                "channels_last": self.channels_last, "fused_batchnorm": self.fused,
                 "conf_threshold": self.conf_threshold, "nms_iou": self.nms_iou, "weights": str(self.weights_path),
                 **self.training}
 

@@ -381,7 +381,8 @@ def merge_flipped(found: Detections, mirrored: Detections, canvas_width: int, ma
     back = mirrored.boxes.float().clone()
     back[:, 0], back[:, 2] = canvas_width - mirrored.boxes[:, 2], canvas_width - mirrored.boxes[:, 0]
     iou = box_iou(found.boxes.float(), back)
-    boxes, scores, embeddings = found.boxes.float().clone(), found.scores.float().clone(), found.embeddings.float().clone()
+    boxes, scores = found.boxes.float().clone(), found.scores.float().clone()
+    embeddings = found.embeddings.float().clone()
     while True:
         best = int(iou.argmax())
         i, j = divmod(best, iou.shape[1])
