@@ -523,14 +523,21 @@ def bench(
 @handle_errors
 def preprocess(
     root: Path = typer.Argument(..., help="The collection's folder."),
-    layout: str = typer.Option("folder", "--layout", help="lfw, folder (one subfolder per person), fei, caltech "
-                                                          "or gt (Georgia Tech)."),
+    layout: str = typer.Option("folder", "--layout", help="lfw, folder (one subfolder per person), fei, caltech, "
+                                                          "gt (Georgia Tech); with --all-faces also aaf "
+                                                          "(All-Age-Faces), utkface, celeba."),
     labels_out: Path = typer.Option(..., "--out", help="Labels file (JSON lines); rerun to continue."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Label only the first N images."),
+    all_faces: bool = typer.Option(False, "--all-faces", help="Label every face of every photo (training data of "
+                                                              "the v2 network; writes a manifest)."),
+    workers: int = typer.Option(2, "--workers", min=1, help="Worker processes (with --all-faces)."),
 ) -> None:
     """Label a face collection with the dlib engine (box, identity, landmark box, teacher descriptor)."""
     from jointface.train.labels import LAYOUTS, preprocess as run_preprocess
 
+    if all_faces:
+        _preprocess_all_faces(root, layout, labels_out, limit, workers)
+        return
     if layout not in LAYOUTS:
         raise typer.BadParameter(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if not root.is_dir():
@@ -550,6 +557,29 @@ def preprocess(
     labels_out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     counts = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
     out.print(json.dumps(counts, indent=2), markup=False)
+
+
+def _preprocess_all_faces(root: Path, layout: str, labels_out: Path, limit: Optional[int], workers: int) -> None:
+    from jointface.datasets.collections import LAYOUTS as ALL_LAYOUTS, CollectionError
+    from jointface.datasets.teacher import LabelsMismatch, label_collection
+
+    if layout not in ALL_LAYOUTS:
+        raise typer.BadParameter(f"unknown layout {layout!r}; choose one of {', '.join(ALL_LAYOUTS)}")
+    try:
+        manifest = label_collection(root, layout, labels_out, workers=workers, limit=limit,
+                                    progress=err.is_terminal)
+    except (CollectionError, LabelsMismatch) as exc:
+        raise CliError(str(exc)) from exc
+    except KeyboardInterrupt:
+        err.print(f"interrupted: every finished photo is in {labels_out}; run the same command to continue",
+                  markup=False)
+        raise typer.Exit(130)
+    unreadable = manifest.get("unreadable") or []
+    if unreadable:
+        err.print(f"{len(unreadable)} photos could not be read:", markup=False)
+        for path, reason in unreadable[:20]:
+            err.print(f"  {path}: {reason}", markup=False)
+    out.print(json.dumps({k: v for k, v in manifest.items() if k != "unreadable"}, indent=2), markup=False)
 
 
 @app.command()

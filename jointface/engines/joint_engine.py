@@ -100,6 +100,7 @@ class JointEngine(Engine):
     name = "jointface"
     default_threshold = 0.5
     MAX_INPUT_SIZE = 640
+    V2_MAX_INPUT_SIZE = 448
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str = "cpu", bf16: bool = False,
                  conf_threshold: float = 0.7, nms_iou: float = 0.4, input_size: int | None = None,
@@ -113,13 +114,24 @@ class JointEngine(Engine):
         if path is None:
             raise WeightsError("no JointFace weights: train and export some, or set JOINTFACE_WEIGHTS")
         payload, self._version = load_weights(path)
+        #: v2 (FPN, three levels, RoI identity head: jointface.net.v2) or the original single-grid network
+        self.architecture = "v2" if payload["record"].get("architecture") == "v2" else "v1"
         try:
-            self.record = ModelRecord.from_dict(payload["record"])
-            model = JointNet(self.record)
+            if self.architecture == "v2":
+                from jointface.net.v2 import JointNetV2, ModelRecordV2
+
+                self.record = ModelRecordV2.from_dict(payload["record"])
+                model = JointNetV2(self.record)
+            else:
+                self.record = ModelRecord.from_dict(payload["record"])
+                model = JointNet(self.record)
             model.load_state_dict({k: v.float() if v.is_floating_point() else v
                                    for k, v in payload["state_dict"].items()})
         except (TypeError, ValueError, RuntimeError, KeyError) as exc:
             raise WeightsError(f"{path}: weights do not fit the network they describe ({exc})") from exc
+        if self.architecture == "v2" and runtime in ("onnx", "int8"):
+            raise WeightsError(f"{path}: a v2 network runs on the torch runtime only so far "
+                               f"(engines jointface, jointface-torch, jointface-reference, jointface-flip)")
         self.weights_path = path
         training = payload.get("training") or {}
         self.training = {"identity_heads": list((training.get("config") or {}).get("identity_heads") or []),
@@ -139,6 +151,8 @@ class JointEngine(Engine):
         if runtime in ("onnx", "int8") and bf16:
             raise ValueError("bf16 autocast is a torch option; the onnx runtime paths do not use it")
         self._onnx = None
+        if runtime == "auto" and self.architecture == "v2":
+            runtime = "torch"
         if runtime == "auto":  # int8 when these weights have their int8 model beside them, else torch
             self._onnx = None if bf16 else self._int8_if_present(path, torch.get_num_threads())
             runtime = "torch" if self._onnx is None else "int8"
@@ -234,6 +248,11 @@ class JointEngine(Engine):
         faces have the scale the network learnt; the network is fully
         convolutional, so only the grid grows.
         """
+        if self.architecture == "v2":
+            # v2 learnt faces from 12 px to 95% of its canvas: a photo runs at its own size, between the
+            # training canvas and V2_MAX_INPUT_SIZE (a close-up portrait then still fits the largest anchors)
+            size = 32 * round(longer_side / 32)
+            return int(min(max(size, self.record.input_size), max(self.V2_MAX_INPUT_SIZE, self.record.input_size)))
         half = 32 * round(longer_side / 2 / 32)
         return int(min(max(half, self.record.input_size), max(self.MAX_INPUT_SIZE, self.record.input_size)))
 
@@ -285,6 +304,8 @@ class JointEngine(Engine):
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         lap("normalise")
+        if self.architecture == "v2":
+            return self._detect_v2(images, placed, batch, lap)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             output = self.model(batch) if self._onnx is None else self.model.output_from_maps(*self._onnx(batch))
         lap("network")
@@ -308,6 +329,52 @@ class JointEngine(Engine):
         lap("to_faces")
         return results
 
+    def _detect_v2(self, images, placed, batch, lap) -> list[list[Face]]:
+        """v2: one dense pass, decode + NMS, then each kept face's embedding from the RoI head.
+
+        With flip TTA the mirrored canvases ride in the same batch (``batch``
+        holds both); faces are found on the unflipped canvases, and each face's
+        embedding is the normalised sum of its RoI embedding in both views.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        from jointface.net.v2 import faces_from_maps
+
+        count = len(images)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            maps = [m.float() for m in self.model.forward_maps(batch)]
+        lap("network")
+        with torch.inference_mode():
+            found = faces_from_maps(self.model, [m[:count] for m in maps], self.conf_threshold, self.nms_iou,
+                                    self.max_faces)
+            if self.flip and any(len(f.boxes) for f in found):
+                width = batch.shape[-1]
+                boxes = torch.cat([f.boxes for f in found])
+                mirrored = torch.stack((width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]), dim=1)
+                image_idx = torch.cat([torch.full((len(f.boxes),), i, dtype=torch.long) for i, f in enumerate(found)])
+                other = self.model.embed([m[count:] for m in maps[3:]], mirrored, image_idx)
+                start, merged = 0, []
+                for f in found:
+                    both = F.normalize(f.embeddings + other[start:start + len(f.boxes)], dim=-1)
+                    merged.append(f._replace(embeddings=both))
+                    start += len(f.boxes)
+                found = merged
+        lap("decode_nms")
+        results = []
+        for image, (_, placement), faces in zip(images, placed, found):
+            height, width = image.shape[:2]
+            boxes = placement.to_original(faces.boxes.float().cpu().numpy(), width, height)
+            results.append([
+                Face(box=tuple(float(v) for v in box), score=float(score), embedding=embedding,
+                     engine=self.name, engine_version=self._version)
+                for box, score, embedding in zip(boxes, faces.scores.float().cpu().numpy(),
+                                                 faces.embeddings.float().cpu().numpy().astype(np.float32))
+                if box[2] > box[0] and box[3] > box[1]
+            ])
+        lap("to_faces")
+        return results
+
     def _place(self, images: Sequence[np.ndarray]):
         """Checked images and their letterboxed canvases with placements, at the input size for the batch."""
         from jointface.net.model import letterbox
@@ -324,7 +391,7 @@ class JointEngine(Engine):
         return images_to_tensor([canvas for canvas, _ in placed], self.record.mean, self.record.std).numpy()
 
     def describe(self) -> dict:
-        return {**super().describe(), "backbone": self.record.backbone,
+        return {**super().describe(), "architecture": self.architecture, "backbone": self.record.backbone,
                 "input_size": self.input_size or f"auto ({self.record.input_size}-{self.MAX_INPUT_SIZE})",
                 "runtime": self.runtime, "flip_tta": self.flip, "bf16": self.bf16,
                 "channels_last": self.channels_last, "fused_batchnorm": self.fused,

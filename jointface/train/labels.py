@@ -35,146 +35,31 @@ A sidecar ``<labels>.meta.json`` keeps the collection root and layout.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
-from jointface.imageio import IMAGE_SUFFIXES, ImageLoadError, load_image, resize_shorter_side
+from jointface.imageio import ImageLoadError, load_image, resize_shorter_side
 
+from jointface.datasets.collections import (P1_IMAGES_PER_PERSON, P1_MIN_IMAGES, SourceImage,  # noqa: F401
+                                            lfw_p1_split, read_caltech, read_fei, read_folder_per_person,
+                                            read_georgia_tech, read_lfw)
+from jointface.datasets.collections import read_layout as _read_any_layout
+
+#: The layouts of the subject-only labels (the extra collections go through ``preprocess --all-faces``).
 LAYOUTS = ("lfw", "folder", "fei", "caltech", "gt")
-P1_MIN_IMAGES, P1_IMAGES_PER_PERSON = 6, 30
 ORGANIZED_SHORTER_SIDE = 320
 
 
-@dataclass(frozen=True)
-class SourceImage:
-    """One image of a collection: ``path`` (absolute), ``identity`` (None = unknown), optional box."""
-
-    path: Path
-    identity: str | None
-    given_box: tuple[float, float, float, float] | None = None
-
-
-# ----------------------------------------------------------------------------- layout readers
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def read_folder_per_person(root: Path) -> list[SourceImage]:
-    """``root/<person>/<image>``: the folder name is the identity."""
-    return [SourceImage(path, person.name)
-            for person in sorted(p for p in root.iterdir() if p.is_dir())
-            for path in _images_in(person)]
-
-
-def lfw_p1_split(lfw_root: str | os.PathLike) -> dict[str, str]:
-    """PROTOCOLS.md P1 over an LFW tree: relative path -> ``train`` / ``test`` / ``extra``.
-
-    ``extra``: images of P1 people beyond their first 30 (allowed for training).
-    Images of anyone else are absent from the mapping.
-    """
-    root = Path(lfw_root)
-    split: dict[str, str] = {}
-    for person in sorted(p for p in root.iterdir() if p.is_dir()):
-        images = _images_in(person)
-        if len(images) < P1_MIN_IMAGES:
-            continue
-        for position, path in enumerate(images):
-            relative = path.relative_to(root).as_posix()
-            if position >= P1_IMAGES_PER_PERSON:
-                split[relative] = "extra"
-            else:
-                split[relative] = "test" if position % 5 == 4 else "train"
-    return split
-
-
-def read_lfw(root: Path, p1_people_only: bool = True) -> list[SourceImage]:
-    """LFW ``root/Person_Name/Person_Name_NNNN.jpg``; by default only the P1 people (>= 6 images),
-    the only people training may use."""
-    images = read_folder_per_person(root)
-    if not p1_people_only:
-        return images
-    allowed = lfw_p1_split(root)
-    return [image for image in images if image.path.relative_to(root).as_posix() in allowed]
-
-
-FEI_NAME = re.compile(r"^(\d+)-(\d+)\.jpe?g$", re.IGNORECASE)
-
-
-def read_fei(root: Path) -> list[SourceImage]:
-    """FEI Face Database: ``<person>-<pose>.jpg`` anywhere under root (``originalimages_partN/``)."""
-    found = []
-    for path in sorted(root.rglob("*")):
-        match = FEI_NAME.match(path.name)
-        if match and path.is_file():
-            found.append(SourceImage(path, f"fei_{int(match.group(1)):03d}"))
-    return found
-
-
-GT_PERSON = re.compile(r"^s(\d+)$")
-
-
-def read_georgia_tech(root: Path) -> list[SourceImage]:
-    """Georgia Tech face database: ``[gt_db/]sNN/NN.jpg``."""
-    base = root / "gt_db" if (root / "gt_db").is_dir() else root
-    return [SourceImage(path, f"gt_{person.name}")
-            for person in sorted(p for p in base.iterdir() if p.is_dir() and GT_PERSON.match(p.name))
-            for path in _images_in(person)]
-
-
-def _caltech_boxes(mat_path: Path, names: list[str]) -> dict[str, tuple[float, float, float, float]]:
-    """Face boxes from Caltech's ``ImageData.mat`` (``SubDir_Data``: 8 x N corner coordinates)."""
-    try:
-        from scipy.io import loadmat
-    except ImportError:
-        print(f"note: scipy is not installed; ignoring the boxes in {mat_path} (dlib's boxes are used)")
-        return {}
-    corners = np.asarray(loadmat(str(mat_path))["SubDir_Data"], dtype=np.float64)  # (8, N): x1 y1 x2 y2 ... x4 y4
-    boxes = {}
-    for index, name in enumerate(names[: corners.shape[1]]):
-        xs, ys = corners[0::2, index], corners[1::2, index]
-        boxes[name] = (float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max()))
-    return boxes
-
-
-UNLABELLED_NAMES = frozenset({"", "unlabeled", "unlabelled", "unknown"})
-
-
-def read_caltech(root: Path) -> list[SourceImage]:
-    """Caltech Faces 1999: ``image_NNNN.jpg`` + ``identities.csv`` (file,identity) [+ ``ImageData.mat``].
-
-    The original set has no identity list; a ``file,identity`` CSV is required.
-    Images missing from it, or listed as ``UNLABELED``, are returned with
-    ``identity=None`` (status ``unlabelled``, never trained on).
-    """
-    names = sorted(p.name for p in _images_in(root))
-    csv_path = root / "identities.csv"
-    if not csv_path.exists():
-        raise FileNotFoundError(f"{csv_path}: the Caltech layout needs a file,identity CSV naming each photo's person")
-    with csv_path.open(newline="") as handle:
-        identities = {row["file"]: row["identity"] for row in csv.DictReader(handle)
-                      if row["identity"].strip().lower() not in UNLABELLED_NAMES}
-    mat_path = root / "ImageData.mat"
-    boxes = _caltech_boxes(mat_path, names) if mat_path.exists() else {}
-    return [SourceImage(root / name, identities.get(name), boxes.get(name)) for name in names]
-
-
 def read_layout(root: str | os.PathLike, layout: str) -> list[SourceImage]:
-    """The images of a collection in one of :data:`LAYOUTS`, in a stable order."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such folder")
-    readers = {"lfw": read_lfw, "folder": read_folder_per_person, "fei": read_fei,
-               "caltech": read_caltech, "gt": read_georgia_tech}
-    if layout not in readers:
+    """The images of a collection in one of :data:`LAYOUTS` (LFW: only the P1 people), in a stable order."""
+    if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
-    return readers[layout](root)
+    return _read_any_layout(root, layout, lfw_p1_only=True)
 
 
 # ----------------------------------------------------------------------------- labelling

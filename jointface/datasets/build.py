@@ -1,0 +1,201 @@
+"""From teacher labels to training photos: splits, the leak guard and the identity classes.
+
+Inputs are ``faces.jsonl`` files of :mod:`jointface.datasets.teacher`, one per
+collection (their manifests name the collection root). What training may use:
+
+* LFW: only the P1 people's TRAIN and ``extra`` images (PROTOCOLS.md); P1 TEST
+  images and every other LFW person (the P2/P3 evaluation people) never;
+* every other collection: all photos, except
+  - the **leak guard**: a photo with a face whose teacher descriptor is within
+    dlib distance ``leak_distance`` (0.5) of any face descriptor of an LFW
+    person outside P1 is dropped whole (a face dropped but left in the photo
+    would teach the detector that a face is background);
+  - the **held-out people**: every 33rd All-Age-Faces person (3%, sorted by
+    id) is kept for validation (people never trained on).
+
+Identity classes (for the margin head) are the people with at least two
+usable photos: LFW P1 people and CelebA people. All-Age-Faces people have one
+photo each and UTKFace none, so their faces teach detection and distillation
+only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .collections import lfw_p1_split
+from .samples import Face, Photo
+from .teacher import manifest_path, read_face_labels
+
+LEAK_DISTANCE = 0.5
+HOLDOUT_EVERY = 33
+
+
+@dataclass
+class TrainingSet:
+    """Photos to train on, validation photos, class names, and what was left out (counts)."""
+
+    train: list[Photo]
+    holdout: list[Photo]
+    class_names: list[str]
+    counts: dict = field(default_factory=dict)
+
+    def teacher_mean(self) -> np.ndarray:
+        teachers = [f.teacher for p in self.train for f in p.faces if f.teacher is not None]
+        return np.mean(np.stack(teachers), axis=0).astype(np.float32)
+
+
+def _root_of(labels_path: Path) -> Path:
+    manifest = manifest_path(labels_path)
+    if not manifest.exists():
+        raise FileNotFoundError(f"{labels_path}: no manifest beside it ({manifest.name}); label the collection "
+                                f"with `jointface preprocess --all-faces` first")
+    return Path(json.loads(manifest.read_text())["root"])
+
+
+MAX_SIDE = 400
+
+
+def _photo(record: dict, root: Path, identity_index: dict[str, int] | None, max_side: int = MAX_SIDE) -> Photo:
+    """A :class:`Photo` in the pixels of the photo shrunk to ``max_side`` (what :class:`PhotoLoader` gives)."""
+    scale = min(1.0, max_side / max(record["width"], record["height"]))
+    faces = []
+    for face in record["faces"]:
+        identity = -1
+        if face.get("subject") and identity_index is not None and record.get("identity") in identity_index:
+            identity = identity_index[record["identity"]]
+        box = face.get("landmark_box") or face["box"]  # PROTOCOLS.md's reference box convention
+        faces.append(Face(tuple(v * scale for v in box), np.asarray(face["teacher"], dtype=np.float32), identity,
+                          bool(face.get("subject"))))
+    return Photo(str(root / record["path"]), max(1, round(record["width"] * scale)),
+                 max(1, round(record["height"] * scale)), faces, record.get("collection", ""))
+
+
+class PhotoLoader:
+    """Decodes a :class:`Photo` at its recorded size (shrunk as :func:`_photo` says), keeping up to
+    ``cache_items`` decoded photos in memory (about 0.4 MB each)."""
+
+    def __init__(self, cache_items: int = 6000):
+        self.cache_items = int(cache_items)
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, photo: Photo) -> np.ndarray:
+        image = self._cache.get(photo.path)
+        if image is None:
+            from PIL import Image
+
+            from jointface.imageio import load_image
+
+            image = load_image(photo.path)
+            if image.shape[:2] != (photo.height, photo.width):
+                image = np.asarray(Image.fromarray(image).resize((photo.width, photo.height),
+                                                                 Image.Resampling.BILINEAR))
+            if len(self._cache) < self.cache_items:
+                self._cache[photo.path] = image
+        return image
+
+
+def lfw_evaluation_descriptors(lfw_records: list[dict], lfw_root: Path) -> np.ndarray:
+    """Every face descriptor of the LFW photos of people outside P1 (the P2/P3 people), ``(N, 128)``."""
+    p1 = lfw_p1_split(lfw_root)
+    descriptors = [face["teacher"] for record in lfw_records if record["status"] == "ok"
+                   and record["path"] not in p1 for face in record["faces"] if face.get("subject")]
+    return np.asarray(descriptors, dtype=np.float32).reshape(-1, 128)
+
+
+def leaking(descriptors: np.ndarray, evaluation: np.ndarray, distance: float = LEAK_DISTANCE,
+            chunk: int = 4096) -> np.ndarray:
+    """``(N,)`` bool: which of ``(N, 128)`` descriptors lie within ``distance`` of any evaluation descriptor."""
+    if len(descriptors) == 0 or len(evaluation) == 0:
+        return np.zeros(len(descriptors), dtype=bool)
+    evaluation = evaluation.astype(np.float32)
+    evaluation_sq = (evaluation ** 2).sum(1)
+    out = np.zeros(len(descriptors), dtype=bool)
+    for start in range(0, len(descriptors), chunk):
+        block = descriptors[start:start + chunk].astype(np.float32)
+        squared = (block ** 2).sum(1)[:, None] + evaluation_sq[None, :] - 2 * block @ evaluation.T
+        out[start:start + chunk] = squared.min(axis=1) < distance ** 2
+    return out
+
+
+def build_training_set(labels: dict[str, str | os.PathLike], *, leak_distance: float = LEAK_DISTANCE,
+                       holdout_every: int = HOLDOUT_EVERY, limits: dict[str, int] | None = None) -> TrainingSet:
+    """The training photos of labelled collections (see the module docstring).
+
+    ``labels``: collection layout -> ``faces.jsonl`` path; ``lfw`` is required
+    (its non-P1 people are what the leak guard protects). ``limits``: at most
+    this many photos (first, in file order) of a collection.
+    """
+    if "lfw" not in labels:
+        raise ValueError("the LFW labels are required: the leak guard compares every face with LFW's evaluation people")
+    limits = limits or {}
+    records: dict[str, list[dict]] = {}
+    roots: dict[str, Path] = {}
+    for layout, path in labels.items():
+        path = Path(path)
+        roots[layout] = _root_of(path)
+        records[layout] = read_face_labels(path)[:limits.get(layout)]
+    lfw_root = roots["lfw"]
+    split = lfw_p1_split(lfw_root)
+    evaluation = lfw_evaluation_descriptors(records["lfw"], lfw_root)
+    counts: dict = {"lfw_evaluation_faces": int(len(evaluation))}
+
+    # identities with >= 2 usable photos: LFW P1 (train + extra) and CelebA
+    usable: dict[str, list[dict]] = {}
+    for layout, items in records.items():
+        for record in items:
+            if record["status"] != "ok" or not record.get("identity"):
+                continue
+            if layout == "lfw" and split.get(record["path"]) not in ("train", "extra"):
+                continue
+            usable.setdefault(layout, []).append(record)
+    by_identity: dict[str, int] = {}
+    for layout in ("lfw", "celeba", "folder", "fei", "caltech", "gt"):
+        for record in usable.get(layout, []):
+            by_identity[record["identity"]] = by_identity.get(record["identity"], 0) + 1
+    class_names = sorted(name for name, count in by_identity.items() if count >= 2)
+    identity_index = {name: i for i, name in enumerate(class_names)}
+
+    train, holdout = [], []
+    for layout, items in records.items():
+        root = roots[layout]
+        kept = dropped_leak = unusable = held = 0
+        aaf_people = sorted({r["identity"] for r in items if r.get("identity")}) if layout == "aaf" else []
+        held_people = set(aaf_people[::holdout_every]) if layout == "aaf" else set()
+        candidates = [r for r in items if r["status"] == "ok"]
+        unusable += len(items) - len(candidates)
+        if layout == "lfw":
+            before = len(candidates)
+            candidates = [r for r in candidates if split.get(r["path"]) in ("train", "extra")]
+            counts["lfw_not_trainable"] = before - len(candidates)
+        else:
+            descriptors = np.asarray([f["teacher"] for r in candidates for f in r["faces"]], dtype=np.float32)
+            flags = leaking(descriptors.reshape(-1, 128), evaluation, leak_distance)
+            position, safe = 0, []
+            for record in candidates:
+                count = len(record["faces"])
+                if flags[position:position + count].any():
+                    dropped_leak += 1
+                else:
+                    safe.append(record)
+                position += count
+            candidates = safe
+        for record in candidates:
+            photo = _photo(record, root, identity_index)
+            if record.get("identity") in held_people:
+                holdout.append(photo)
+                held += 1
+            else:
+                train.append(photo)
+                kept += 1
+        counts[layout] = {"photos_labelled": len(items), "without_face_or_unreadable": unusable,
+                          "dropped_by_leak_guard": dropped_leak, "held_out": held, "train_photos": kept,
+                          "train_faces": sum(len(p.faces) for p in train if p.collection == layout),
+                          "people": len({r.get("identity") for r in candidates if r.get("identity")})}
+    counts["classes"] = len(class_names)
+    return TrainingSet(train, holdout, class_names, counts)

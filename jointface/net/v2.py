@@ -1,0 +1,431 @@
+"""JointNet v2: one backbone pass, faces at every scale, identity read from face-aligned features.
+
+Architecture::
+
+    image (B, 3, H, W) -> ResNet stages -> C3 (s8), C4 (s16), C5 (s32)
+      -> FPN (top-down, ``fpn_channels``) -> P3, P4, P5
+      -> per level a YOLO head: 3x3 conv + ReLU -> 1x1 conv: per anchor 4 box numbers + 1 face logit
+      -> identity map: 3x3 conv + BN + ReLU on P3 and P4 (shared weights)
+      -> RoIAlign of each face box (enlarged by ``roi_margin``) from P3 (small faces) or P4
+         (faces of ``roi_split`` px and more) into ``roi_size x roi_size``
+      -> identity head: two 3x3 convs (the second stride 2) -> flatten -> linear -> BatchNorm
+         -> ``embedding_dim`` (L2-normalised for search)
+
+Why (issue 15, measured in ``benchmarks/joint_v2/``): v1 read identity from one
+cell of the stride-32 grid, so a 60-100 px face was 2x2 cells of a map shared
+with detection. Person-search and tracking networks that work (OIM, JDE,
+FairMOT) read identity from features aligned to each detected person on a
+finer map. The RoI read-out is still one network and one pass: the backbone
+runs once per photo; only the small identity head runs per face.
+
+Detection keeps the study's YOLO head and loss family (smooth L1 boxes, BCE
+confidence), extended to three levels; anchors come from k-means over the
+training boxes (9 sizes, 3 per level, smallest on the finest level). A face
+is assigned to the one anchor, over all levels, whose shape fits it best
+(YOLOv3's rule), in the cell holding its centre.
+
+The training forward takes the ground-truth boxes (jittered) as RoIs, so the
+identity head learns on every face; inference takes the boxes kept after NMS.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .anchors import AnchorGrid
+from .boxes import BoxCoder, box_iou, cxcywh_to_xyxy, logit, nms, wh_iou
+from .model import FACE_PRIOR, IMAGENET_MEAN, IMAGENET_STD
+from .resnet import build_resnet
+
+ARCHITECTURE = "v2"
+TEACHER_DIM = 128
+
+
+@dataclass
+class ModelRecordV2:
+    """Everything needed to rebuild and use a JointNetV2, stored with its weights (plain types only)."""
+
+    architecture: str = ARCHITECTURE
+    backbone: str = "resnet18"
+    input_size: int = 256
+    level_strides: list[int] = field(default_factory=lambda: [8, 16, 32])
+    #: per level, the anchors' ``[w, h]`` in input pixels
+    anchor_sizes: list[list[list[float]]] = field(default_factory=lambda: [
+        [[16.0, 19.0], [26.0, 31.0], [38.0, 46.0]], [[56.0, 67.0], [80.0, 96.0], [112.0, 134.0]],
+        [[160.0, 190.0], [220.0, 260.0], [300.0, 350.0]]])
+    fpn_channels: int = 128
+    identity_channels: int = 128
+    embedding_dim: int = 128
+    roi_size: int = 8
+    roi_margin: float = 1.25
+    roi_split: float = 112.0
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    class_names: list[str] = field(default_factory=list)
+    training_command: str = ""
+    training_data: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelRecordV2":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown model record fields: {sorted(unknown)}")
+        if values.get("architecture", ARCHITECTURE) != ARCHITECTURE:
+            raise ValueError(f"not a {ARCHITECTURE} record: {values.get('architecture')!r}")
+        return cls(**values)
+
+    @property
+    def stride(self) -> int:
+        return max(self.level_strides)
+
+
+class DetectionsV2(NamedTuple):
+    """Raw predictions of every level, flattened: ``box_raw`` ``(B, N, 4)``, ``face_logits`` ``(B, N)``;
+    ``grid_sizes``: ``[(G_h, G_w)]`` per level (N = sum of G_h * G_w * A)."""
+
+    box_raw: torch.Tensor
+    face_logits: torch.Tensor
+    grid_sizes: list[tuple[int, int]]
+
+
+def roi_align(features: torch.Tensor, boxes: torch.Tensor, image_idx: torch.Tensor, stride: int,
+              output_size: int, sampling: int = 2) -> torch.Tensor:
+    """RoIAlign (Mask R-CNN) with :func:`F.grid_sample`: ``(B, C, H, W)`` map, ``(K, 4)`` xyxy boxes in input
+    pixels, ``(K,)`` image indices -> ``(K, C, output_size, output_size)``.
+
+    Each output bin averages ``sampling x sampling`` bilinear samples; a sample
+    at input pixel ``x`` reads feature column ``x / stride - 0.5`` (pixel
+    centres), zero outside the map.
+    """
+    if len(boxes) == 0:
+        return features.new_zeros(0, features.shape[1], output_size, output_size)
+    height, width = features.shape[-2:]
+    points = output_size * sampling
+    steps = (torch.arange(points, dtype=features.dtype, device=features.device) + 0.5) / points  # (P,)
+    x1, y1, x2, y2 = boxes.to(features.dtype).unbind(-1)
+    xs = x1[:, None] + (x2 - x1)[:, None] * steps[None]  # (K, P) input pixels
+    ys = y1[:, None] + (y2 - y1)[:, None] * steps[None]
+    # grid_sample (align_corners=False): -1 is the left edge of column 0, i.e. input pixel 0
+    gx = xs / (stride * width) * 2 - 1
+    gy = ys / (stride * height) * 2 - 1
+    grid = torch.stack((gx[:, None, :].expand(-1, points, -1), gy[:, :, None].expand(-1, -1, points)), dim=-1)
+    sampled = F.grid_sample(features.index_select(0, image_idx), grid, mode="bilinear", padding_mode="zeros",
+                            align_corners=False)  # (K, C, P, P)
+    return F.avg_pool2d(sampled, sampling) if sampling > 1 else sampled
+
+
+def enlarge(boxes: torch.Tensor, factor: float) -> torch.Tensor:
+    """Boxes ``(K, 4)`` xyxy scaled by ``factor`` about their centres (the face plus some context)."""
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]) / 2 * factor
+    return torch.cat((centre - half, centre + half), dim=-1)
+
+
+class IdentityHead(nn.Module):
+    """``(K, C, R, R)`` aligned face features -> ``(K, D)`` embeddings (not normalised)."""
+
+    def __init__(self, in_channels: int, roi_size: int, embedding_dim: int, width: int = 192):
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, 256, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
+        )
+        side = (roi_size + 1) // 2
+        self.fc = nn.Linear(256 * side * side, embedding_dim)
+        self.bn = nn.BatchNorm1d(embedding_dim)
+
+    def forward(self, rois: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.fc(torch.flatten(self.convs(rois), 1)))
+
+
+class JointNetV2(nn.Module):
+    """Backbone + FPN + YOLO heads on three levels + RoI identity head (see the module docstring)."""
+
+    def __init__(self, record: ModelRecordV2):
+        super().__init__()
+        self.record = record
+        self.backbone = build_resnet(record.backbone, num_classes=0)
+        width = self.backbone.num_features // 8  # C3 channels (stage 2 of 4)
+        in_channels = [width * 2, width * 4, width * 8]  # C3, C4, C5
+        channels = record.fpn_channels
+        self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
+        self.smooth = nn.ModuleList(nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                                                  nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+                                    for _ in in_channels)
+        anchors_per_level = [len(sizes) for sizes in record.anchor_sizes]
+        self.heads = nn.ModuleList(nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True),
+                                                 nn.Conv2d(channels, count * 5, 1))
+                                   for count in anchors_per_level)
+        for head, count in zip(self.heads, anchors_per_level):
+            nn.init.normal_(head[-1].weight, std=0.01)
+            with torch.no_grad():
+                bias = head[-1].bias.view(count, 5)
+                bias.zero_()
+                bias[:, 4] = logit(FACE_PRIOR)
+        self.identity_map = nn.Sequential(nn.Conv2d(channels, record.identity_channels, 3, padding=1, bias=False),
+                                          nn.BatchNorm2d(record.identity_channels), nn.ReLU(inplace=True))
+        self.identity = IdentityHead(record.identity_channels, record.roi_size, record.embedding_dim)
+        #: the distillation target lives in the teacher's 128 dimensions: with another embedding size a
+        #: bias-free linear map takes the embedding there (with 128 the embedding itself is distilled)
+        self.teacher_projection = (nn.Identity() if record.embedding_dim == TEACHER_DIM
+                                   else nn.Linear(record.embedding_dim, TEACHER_DIM, bias=False))
+        #: mean dlib descriptor of the training faces: the distillation target is the teacher minus this
+        self.register_buffer("teacher_mean", torch.zeros(TEACHER_DIM))
+
+    # ------------------------------------------------------------------ the dense part (one pass per photo)
+    def anchor_grids(self) -> list[AnchorGrid]:
+        return [AnchorGrid(torch.tensor(sizes, dtype=torch.float32), stride)
+                for sizes, stride in zip(self.record.anchor_sizes, self.record.level_strides)]
+
+    def forward_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(B, 3, H, W)`` -> 3 detection maps ``(B, A*5, G_h, G_w)`` (s8, s16, s32) and 2 identity maps
+        ``(B, C, H/8, W/8)``, ``(B, C, H/16, W/16)``. Everything dense, and nothing else: the part exported
+        to ONNX Runtime."""
+        b = self.backbone
+        x = b.maxpool(b.relu(b.bn1(b.conv1(images))))
+        c3 = b.layer2(b.layer1(x))
+        c4 = b.layer3(c3)
+        c5 = b.layer4(c4)
+        p5 = self.lateral[2](c5)
+        p4 = self.lateral[1](c4) + F.interpolate(p5, size=c4.shape[-2:], mode="nearest")
+        p3 = self.lateral[0](c3) + F.interpolate(p4, size=c3.shape[-2:], mode="nearest")
+        p3, p4, p5 = self.smooth[0](p3), self.smooth[1](p4), self.smooth[2](p5)
+        detection = [head(p) for head, p in zip(self.heads, (p3, p4, p5))]
+        return (*detection, self.identity_map(p3), self.identity_map(p4))
+
+    def detections_from_maps(self, maps: Sequence[torch.Tensor]) -> DetectionsV2:
+        """Flatten the detection maps: anchor ``a`` of cell ``(row, col)`` of level ``l`` follows the
+        anchors of the levels before it, at ``(row * G_w + col) * A + a``."""
+        boxes, logits, grids = [], [], []
+        for level_map, sizes in zip(maps, self.record.anchor_sizes):
+            batch, _, grid_h, grid_w = level_map.shape
+            count = len(sizes)
+            flat = level_map.view(batch, count, 5, grid_h, grid_w).permute(0, 3, 4, 1, 2).reshape(batch, -1, 5)
+            boxes.append(flat[..., :4])
+            logits.append(flat[..., 4])
+            grids.append((grid_h, grid_w))
+        return DetectionsV2(torch.cat(boxes, 1), torch.cat(logits, 1), grids)
+
+    # ------------------------------------------------------------------ the per-face part
+    def embed(self, identity_maps: Sequence[torch.Tensor], boxes: torch.Tensor, image_idx: torch.Tensor,
+              normalise: bool = True) -> torch.Tensor:
+        """Embeddings ``(K, D)`` of face boxes ``(K, 4)`` (input pixels) in images ``image_idx`` ``(K,)``."""
+        record = self.record
+        rois = enlarge(boxes.float(), record.roi_margin)
+        side = (rois[:, 2:] - rois[:, :2]).clamp(min=1).prod(dim=1).sqrt()
+        fine = side < record.roi_split * record.roi_margin
+        pooled = identity_maps[0].new_zeros(len(rois), identity_maps[0].shape[1], record.roi_size, record.roi_size)
+        for mask, level_map, stride in ((fine, identity_maps[0], record.level_strides[0]),
+                                        (~fine, identity_maps[1], record.level_strides[1])):
+            if bool(mask.any()):
+                pooled[mask] = roi_align(level_map, rois[mask], image_idx[mask], stride, record.roi_size)
+        embeddings = self.identity(pooled)
+        return F.normalize(embeddings.float(), dim=-1) if normalise else embeddings
+
+    def forward_train(self, images: torch.Tensor, boxes: torch.Tensor, image_idx: torch.Tensor
+                      ) -> tuple[DetectionsV2, torch.Tensor]:
+        """Detections of every anchor and the embeddings of the given boxes (the training forward)."""
+        maps = self.forward_maps(images)
+        return self.detections_from_maps(maps[:3]), self.embed(maps[3:], boxes, image_idx)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.forward_maps(images)
+
+
+# ----------------------------------------------------------------------------- targets
+@dataclass
+class MatchedV2:
+    """Detection targets of a batch over all levels' anchors (see :func:`match_multilevel`)."""
+
+    objectness: torch.Tensor          # (B, N)
+    confidence_weight: torch.Tensor   # (B, N)
+    matched_image_idx: torch.Tensor   # (M,)
+    matched_anchor_idx: torch.Tensor  # (M,)
+    box_targets: torch.Tensor         # (M, 4) in BoxCoder target space of the anchor's level
+
+    @property
+    def num_faces(self) -> int:
+        return len(self.matched_anchor_idx)
+
+
+def all_anchors(grids: Sequence[AnchorGrid], grid_sizes: Sequence[tuple[int, int]]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every anchor of every level ``(N, 4)`` cxcywh and its stride ``(N,)``, in the flattened order."""
+    anchors, strides = [], []
+    for grid, (grid_h, grid_w) in zip(grids, grid_sizes):
+        level = grid(grid_h, grid_w)
+        anchors.append(level)
+        strides.append(torch.full((len(level),), float(grid.stride)))
+    return torch.cat(anchors), torch.cat(strides)
+
+
+def match_multilevel(boxes_per_image: Sequence[torch.Tensor], grids: Sequence[AnchorGrid],
+                     grid_sizes: Sequence[tuple[int, int]], ignore_iou: float = 0.5) -> MatchedV2:
+    """Assign each face (``(F, 4)`` xyxy per image) to one anchor over all levels (best shape IoU, then
+    the cell holding its centre). Anchors whose prior box overlaps a face above ``ignore_iou`` are left
+    out of the confidence loss; of two faces on one anchor the larger keeps it."""
+    anchors, strides = all_anchors(grids, grid_sizes)
+    anchor_boxes = cxcywh_to_xyxy(anchors)
+    sizes = torch.cat([grid.anchor_sizes for grid in grids])  # (L*A, 2) in level order
+    per_level = [grid.num_anchors for grid in grids]
+    level_of = torch.repeat_interleave(torch.arange(len(grids)), torch.tensor(per_level))
+    first_of_level = torch.tensor([0] + per_level).cumsum(0)[:-1]
+    offsets = [0]
+    for (grid_h, grid_w), count in zip(grid_sizes, per_level):
+        offsets.append(offsets[-1] + grid_h * grid_w * count)
+    batch = len(boxes_per_image)
+    objectness = torch.zeros(batch, len(anchors))
+    weight = torch.ones(batch, len(anchors))
+    image_idx, anchor_idx, targets = [], [], []
+    for image, boxes in enumerate(boxes_per_image):
+        if len(boxes) == 0:
+            continue
+        boxes = boxes.float()
+        weight[image, (box_iou(anchor_boxes, boxes) > ignore_iou).any(dim=1)] = 0.0
+        best = wh_iou(boxes[:, 2:] - boxes[:, :2], sizes).argmax(dim=1)
+        owner: dict[int, int] = {}
+        order = torch.argsort((boxes[:, 2:] - boxes[:, :2]).prod(dim=1), stable=True)  # larger last: they win
+        for face in order.tolist():
+            level = int(level_of[best[face]])
+            anchor_in_level = int(best[face] - first_of_level[level])
+            grid_h, grid_w = grid_sizes[level]
+            stride = grids[level].stride
+            centre = (boxes[face, :2] + boxes[face, 2:]) / 2
+            col = min(max(int(centre[0] // stride), 0), grid_w - 1)
+            row = min(max(int(centre[1] // stride), 0), grid_h - 1)
+            flat = offsets[level] + (row * grid_w + col) * per_level[level] + anchor_in_level
+            owner[flat] = face
+        for flat, face in sorted(owner.items()):
+            objectness[image, flat] = 1.0
+            weight[image, flat] = 1.0
+            image_idx.append(image)
+            anchor_idx.append(flat)
+            coder = BoxCoder(int(strides[flat]))
+            targets.append(coder.encode(boxes[face:face + 1], anchors[flat:flat + 1])[0])
+    return MatchedV2(objectness, weight, torch.tensor(image_idx, dtype=torch.long),
+                     torch.tensor(anchor_idx, dtype=torch.long),
+                     torch.stack(targets) if targets else torch.zeros(0, 4))
+
+
+# ----------------------------------------------------------------------------- losses
+def relational_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of the pairwise cosines of unit ``(M, D)`` student and ``(M, T)`` teacher
+    vectors, off the diagonal (the student keeps the teacher's geometry within the batch)."""
+    if len(student) < 2:
+        return student.sum() * 0.0
+    student_sim, teacher_sim = student @ student.T, teacher @ teacher.T
+    off = ~torch.eye(len(student), dtype=torch.bool, device=student.device)
+    return (student_sim - teacher_sim)[off].pow(2).mean()
+
+
+def losses_v2(detections: DetectionsV2, matched: MatchedV2, embeddings: torch.Tensor, teachers: torch.Tensor,
+              teacher_valid: torch.Tensor, identities: torch.Tensor, teacher_mean: torch.Tensor,
+              margin_head: nn.Module | None = None, box_beta: float = 0.1,
+              teacher_projection: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Named, unweighted loss terms (the training loop weights and sums them).
+
+    * ``box``: smooth L1 in box-coder target space over matched anchors;
+    * ``confidence``: BCE over non-ignored anchors, divided by the number of faces;
+    * ``distill``: ``1 - cos(embedding, teacher - teacher_mean)`` over faces with a teacher;
+    * ``relational``: :func:`relational_loss` against the centred teachers;
+    * ``identity_margin``: CosFace/ArcFace cross-entropy over faces with a known identity.
+    """
+    zero = lambda tensor: tensor.sum() * 0.0  # noqa: E731 - an exact 0 in the graph
+    box_raw, face_logits = detections.box_raw.float(), detections.face_logits.float()
+    faces = max(matched.num_faces, 1)
+    predicted = BoxCoder.to_target_space(box_raw[matched.matched_image_idx, matched.matched_anchor_idx])
+    losses = {"box": F.smooth_l1_loss(predicted, matched.box_targets, beta=box_beta, reduction="sum") / (4 * faces)
+              + zero(box_raw)}
+    confidence = F.binary_cross_entropy_with_logits(face_logits, matched.objectness, reduction="none")
+    losses["confidence"] = (confidence * matched.confidence_weight).sum() / faces
+    if bool(teacher_valid.any()):
+        target = F.normalize(teachers[teacher_valid].float() - teacher_mean, dim=-1)
+        student = embeddings[teacher_valid]
+        if teacher_projection is not None:
+            student = F.normalize(teacher_projection(student), dim=-1)
+        losses["distill"] = (1.0 - (student * target).sum(-1)).mean()
+        losses["relational"] = relational_loss(student, target)
+    else:
+        losses["distill"] = losses["relational"] = zero(embeddings)
+    if margin_head is not None:
+        known = identities >= 0
+        if bool(known.any()):
+            logits = margin_head(embeddings[known], identities[known])
+            losses["identity_margin"] = F.cross_entropy(logits, identities[known])
+        else:
+            losses["identity_margin"] = zero(embeddings) + zero(margin_head.weight)
+    return losses
+
+
+# ----------------------------------------------------------------------------- inference
+class FacesV2(NamedTuple):
+    """Faces kept in one image: ``boxes`` ``(K, 4)`` xyxy input pixels, ``scores`` ``(K,)``,
+    ``embeddings`` ``(K, D)`` unit vectors; highest score first."""
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    embeddings: torch.Tensor
+
+
+def decode_v2(model: JointNetV2, detections: DetectionsV2, conf_threshold: float = 0.5, nms_iou: float = 0.4,
+              max_faces: int = 100, pre_nms_top_k: int = 300) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Boxes ``(K, 4)`` and scores ``(K,)`` per image after threshold and NMS (all levels together)."""
+    anchors, strides = all_anchors(model.anchor_grids(), detections.grid_sizes)
+    targets = BoxCoder.to_target_space(detections.box_raw.float())
+    xy = anchors[:, :2] + (targets[..., :2] - 0.5) * strides[:, None]
+    wh = anchors[:, 2:] * torch.exp(targets[..., 2:].clamp(max=BoxCoder.max_log_ratio))
+    boxes = cxcywh_to_xyxy(torch.cat((xy, wh), dim=-1))
+    scores = detections.face_logits.float().sigmoid()
+    top_k = min(pre_nms_top_k, scores.shape[1])
+    results = []
+    for image in range(scores.shape[0]):
+        candidate_scores, candidate_idx = scores[image].topk(top_k)
+        above = candidate_scores >= conf_threshold
+        candidate_scores, candidate_idx = candidate_scores[above], candidate_idx[above]
+        keep = nms(boxes[image, candidate_idx], candidate_scores, nms_iou)[:max_faces]
+        results.append((boxes[image, candidate_idx[keep]], candidate_scores[keep]))
+    return results
+
+
+def faces_from_maps(model: JointNetV2, maps: Sequence[torch.Tensor], conf_threshold: float = 0.5,
+                    nms_iou: float = 0.4, max_faces: int = 100) -> list[FacesV2]:
+    """Every kept face of each image with its embedding, from :meth:`JointNetV2.forward_maps`'s output."""
+    found = decode_v2(model, model.detections_from_maps(maps[:3]), conf_threshold, nms_iou, max_faces)
+    boxes = torch.cat([b for b, _ in found]) if found else torch.zeros(0, 4)
+    image_idx = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, (b, _) in enumerate(found)])
+    embeddings = model.embed([m.float() for m in maps[3:]], boxes, image_idx) if len(boxes) else \
+        torch.zeros(0, model.record.embedding_dim)
+    results, start = [], 0
+    for box, score in found:
+        results.append(FacesV2(box, score, embeddings[start:start + len(box)]))
+        start += len(box)
+    return results
+
+
+def kmeans_level_anchors(box_sizes: torch.Tensor, levels: int = 3, per_level: int = 3) -> list[list[list[float]]]:
+    """k-means anchors (``levels * per_level``, smallest first) split into levels, finest level first."""
+    from .anchors import kmeans_anchors
+
+    sizes = kmeans_anchors(box_sizes, levels * per_level)
+    return [[[round(float(w), 1), round(float(h), 1)] for w, h in sizes[i * per_level:(i + 1) * per_level]]
+            for i in range(levels)]
+
+
+def check_record_fits(record: ModelRecordV2) -> None:
+    """The record's levels and anchors agree (raises ValueError)."""
+    if len(record.level_strides) != 3 or len(record.anchor_sizes) != 3:
+        raise ValueError("a v2 record has three levels (strides 8, 16, 32) with anchors for each")
+    if any(not sizes for sizes in record.anchor_sizes):
+        raise ValueError("every level needs at least one anchor")
+    if not math.isfinite(record.roi_margin) or record.roi_margin <= 0:
+        raise ValueError("roi_margin must be positive")

@@ -1,0 +1,431 @@
+"""Training JointNet v2 on teacher-labelled collections: ``jointface train-v2 CONFIG``.
+
+One run lives in ``config.out_dir`` (keep it outside the repository):
+
+* ``config.json`` (resolved), ``model_record.json`` (anchors included), ``data.json``
+  (photos, faces and people per collection after the leak guard);
+* ``checkpoints/last.pt``: network, margin head, optimizer, schedule, step and
+  config, written every ``checkpoint_every`` steps and when stopped (Ctrl-C
+  included). Running again on the same out_dir resumes from it: samples are a
+  pure function of ``(seed, sample index)``, so the run continues with the very
+  samples it would have used;
+* ``steps.csv`` (loss terms), ``validation.csv``, ``curves.png``;
+* ``jointface.pt`` (fp16 weights, exported at each validation and at the end).
+
+Validation (every ``validate_every`` steps) on people never trained on:
+
+* ``holdout_cos``: mean cosine between the student embedding and the centred
+  teacher descriptor on the held-out All-Age-Faces people (3%);
+* ``p2proxy_rank1``: 1:N rank-1 among the first ``p2proxy_people`` LFW P2
+  people (2-5 photos; first photo enrolled, the others probes), with the
+  dlib reference boxes as the faces (identity alone, detection aside).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from jointface.datasets.build import PhotoLoader, build_training_set
+from jointface.datasets.samples import ComposerSettings, SampleComposer
+from jointface.net.loss import check_finite
+from jointface.net.model import MarginClassifier, images_to_tensor, letterbox
+from jointface.net.v2 import (JointNetV2, ModelRecordV2, kmeans_level_anchors, losses_v2, match_multilevel)
+
+CHECKPOINT_FORMAT = "jointface-v2-checkpoint"
+WEIGHTS_FORMAT = "jointface-weights"
+
+
+@dataclass
+class TrainConfigV2:
+    labels: dict[str, str] = field(default_factory=dict)   # layout -> faces.jsonl (lfw required)
+    limits: dict[str, int] = field(default_factory=dict)   # at most this many photos of a collection
+    out_dir: str = ""
+    init_weights: str | None = None       # a JointFace weights file whose backbone starts this network
+    backbone: str = "resnet18"
+    input_size: int = 224
+    fpn_channels: int = 128
+    identity_channels: int = 128
+    embedding_dim: int = 128
+    roi_size: int = 8
+    roi_margin: float = 1.25
+    batch_size: int = 24
+    max_steps: int = 4000
+    lr: float = 1e-3
+    backbone_lr_factor: float = 0.3
+    weight_decay: float = 5e-4
+    warmup_steps: int = 150
+    grad_clip: float = 10.0
+    margin_kind: str = "cosface"          # cosface / arcface / none
+    margin_scale: float = 30.0
+    margin: float = 0.35
+    margin_warmup_steps: int = 1000
+    loss_weights: dict[str, float] = field(default_factory=lambda: {
+        "box": 5.0, "confidence": 1.0, "distill": 4.0, "relational": 4.0, "identity_margin": 0.5})
+    box_jitter: float = 0.05              # RoIs in training: ground truth moved by up to this share of its size
+    mosaic_probability: float = 0.3
+    negative_probability: float = 0.1
+    identity_min_face: float = 20.0
+    anchor_sample_images: int = 400
+    seed: int = 0
+    num_threads: int | None = 2
+    checkpoint_every: int = 100
+    log_every: int = 10
+    validate_every: int = 500
+    p2proxy_people: int = 300
+    progress: bool = True
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfigV2":
+        values = json.loads(Path(path).read_text())
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown config fields {sorted(unknown)}")
+        return cls(**values)
+
+
+def composer_settings(config: TrainConfigV2) -> ComposerSettings:
+    return ComposerSettings(size=config.input_size, mosaic_probability=config.mosaic_probability,
+                            negative_probability=config.negative_probability,
+                            identity_min_face=config.identity_min_face)
+
+
+def collate(samples) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Canvases ``(B, S, S, 3)`` uint8 as a tensor, boxes per image, and the faces' teachers / validity /
+    identities concatenated in image order."""
+    images = torch.from_numpy(np.stack([s.image for s in samples]))
+    boxes = [torch.from_numpy(s.boxes) for s in samples]
+    teachers = torch.from_numpy(np.concatenate([s.teachers for s in samples]))
+    valid = torch.from_numpy(np.concatenate([s.teacher_valid for s in samples]))
+    identities = torch.from_numpy(np.concatenate([s.identities for s in samples]))
+    return images, boxes, teachers, valid, identities
+
+
+def normalise(images: torch.Tensor, record: ModelRecordV2) -> torch.Tensor:
+    batch = images.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(record.mean).view(1, 3, 1, 1)
+    std = torch.tensor(record.std).view(1, 3, 1, 1)
+    return ((batch - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def jitter_boxes(boxes: torch.Tensor, amount: float, generator: torch.Generator) -> torch.Tensor:
+    if amount <= 0 or len(boxes) == 0:
+        return boxes
+    size = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
+    noise = (torch.rand(boxes.shape, generator=generator) * 2 - 1) * amount
+    return boxes + noise * size
+
+
+def backbone_from_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``backbone.*`` tensors of a JointFace weights file (v1 or v2), float32."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    state = payload.get("state_dict") or payload.get("model") or {}
+    backbone = {k[len("backbone."):]: v.float() for k, v in state.items() if k.startswith("backbone.")}
+    if not backbone:
+        raise ValueError(f"{path}: no backbone tensors in it")
+    return backbone
+
+
+# ----------------------------------------------------------------------------- validation
+def embed_boxes(model: JointNetV2, image: np.ndarray, boxes: list[list[float]], size: int) -> np.ndarray:
+    """Embeddings of given face boxes (photo pixels) of one photo, letterboxed to ``size``."""
+    canvas, place = letterbox(image, size)
+    tensor = images_to_tensor([canvas], model.record.mean, model.record.std)
+    placed = torch.tensor([[b[0] * place.scale + place.pad_x, b[1] * place.scale + place.pad_y,
+                            b[2] * place.scale + place.pad_x, b[3] * place.scale + place.pad_y] for b in boxes])
+    with torch.inference_mode():
+        maps = model.forward_maps(tensor)
+        return model.embed(maps[3:], placed, torch.zeros(len(placed), dtype=torch.long)).numpy()
+
+
+def p2_proxy_set(lfw_labels: str | Path, people: int) -> list[tuple[str, str, list[float]]]:
+    """``(person, photo path, landmark box)`` of the first ``people`` LFW P2 people (2-5 photos, sorted)."""
+    from jointface.datasets.teacher import manifest_path, read_face_labels
+
+    root = Path(json.loads(manifest_path(Path(lfw_labels)).read_text())["root"])
+    by_person: dict[str, list[dict]] = {}
+    for record in read_face_labels(lfw_labels):
+        by_person.setdefault(record["path"].split("/")[0], []).append(record)
+    chosen = []
+    for person in sorted(by_person):
+        records = sorted(by_person[person], key=lambda r: r["path"])
+        if not 2 <= len(records) <= 5 or any(r["status"] != "ok" for r in records):
+            continue
+        for record in records:
+            subject = next(f for f in record["faces"] if f["subject"])
+            chosen.append((person, str(root / record["path"]), subject["landmark_box"]))
+        if len({c[0] for c in chosen}) >= people:
+            break
+    return chosen
+
+
+def validate(model: JointNetV2, holdout, teacher_mean: np.ndarray, proxy, loader: PhotoLoader,
+             size: int) -> dict[str, float]:
+    from jointface.imageio import load_image
+
+    model.eval()
+    cosines = []
+    for photo in holdout:
+        faces = [f for f in photo.faces if f.teacher is not None]
+        if not faces:
+            continue
+        embeddings = embed_boxes(model, loader(photo), [list(f.box) for f in faces], size)
+        for embedding, face in zip(embeddings, faces):
+            target = face.teacher - teacher_mean
+            cosines.append(float(embedding @ target / max(np.linalg.norm(target), 1e-9)))
+    gallery, gallery_names, probes, probe_names = [], [], [], []
+    seen = set()
+    for person, path, box in proxy:
+        embedding = embed_boxes(model, load_image(path), [box], size)[0]
+        if person not in seen:
+            seen.add(person)
+            gallery.append(embedding)
+            gallery_names.append(person)
+        else:
+            probes.append(embedding)
+            probe_names.append(person)
+    rank1 = float("nan")
+    if probes:
+        best = np.argmax(np.stack(probes) @ np.stack(gallery).T, axis=1)
+        rank1 = float(np.mean([gallery_names[b] == name for b, name in zip(best, probe_names)]))
+    model.train()
+    return {"holdout_cos": float(np.mean(cosines)) if cosines else float("nan"), "p2proxy_rank1": rank1,
+            "p2proxy_probes": len(probes), "holdout_faces": len(cosines)}
+
+
+# ----------------------------------------------------------------------------- export
+def export_weights(model: JointNetV2, margin_head: nn.Module | None, config: TrainConfigV2, step: int,
+                   metrics: dict, path: Path, data_counts: dict) -> Path:
+    payload = {
+        "format": WEIGHTS_FORMAT,
+        "record": model.record.to_dict(),
+        "state_dict": {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()},
+        "identity_heads": ({"margin.weight": margin_head.weight.detach().half()} if margin_head is not None else {}),
+        "training": {"step": step, "config": {**asdict(config), "identity_heads": ["distill", "relational",
+                                                                                  config.margin_kind]},
+                     "metrics": metrics, "data": data_counts},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    torch.save(payload, temporary)
+    temporary.replace(path)
+    return path
+
+
+def plot_curves(out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = list(csv.DictReader((out_dir / "steps.csv").open())) if (out_dir / "steps.csv").exists() else []
+    validation = list(csv.DictReader((out_dir / "validation.csv").open())) \
+        if (out_dir / "validation.csv").exists() else []
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    if steps:
+        x = [int(r["step"]) for r in steps]
+        for name in [k for k in steps[0] if k not in ("step", "seconds", "lr", "total")]:
+            values = [float(r[name]) for r in steps]
+            window = 10
+            smooth = [np.mean(values[max(0, i - window):i + 1]) for i in range(len(values))]
+            axes[0].plot(x, smooth, label=name)
+        axes[0].set_yscale("log")
+        axes[0].set_xlabel("step")
+        axes[0].set_title("loss terms (moving mean of 10 logs)")
+        axes[0].legend(fontsize=8)
+    if validation:
+        x = [int(r["step"]) for r in validation]
+        axes[1].plot(x, [float(r["holdout_cos"]) for r in validation], "o-", label="held-out AAF: cos to teacher")
+        axes[1].plot(x, [float(r["p2proxy_rank1"]) for r in validation], "s-", label="P2 proxy rank-1")
+        axes[1].set_xlabel("step")
+        axes[1].set_ylim(0, 1)
+        axes[1].set_title("people never trained on")
+        axes[1].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out_dir / "curves.png", dpi=90)
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------- the run
+class Run:
+    """One training run (build, resume, step, validate, export); see the module docstring."""
+
+    def __init__(self, config: TrainConfigV2):
+        if not config.out_dir:
+            raise ValueError("the config names no out_dir")
+        self.config = config
+        self.out_dir = Path(config.out_dir)
+        self.checkpoint_path = self.out_dir / "checkpoints" / "last.pt"
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.data = build_training_set(config.labels, limits=config.limits)
+        self.loader = PhotoLoader()
+        self.composer = SampleComposer(self.data.train, self.loader, composer_settings(config), seed=config.seed)
+        self.teacher_mean = self.data.teacher_mean()
+        self.proxy = p2_proxy_set(config.labels["lfw"], config.p2proxy_people) if config.validate_every else []
+        self.step = 0
+        self._build()
+
+    def _anchors(self) -> list[list[list[float]]]:
+        sizes = []
+        for index in range(self.config.anchor_sample_images):
+            sample = self.composer.compose(10_000_000 + index)
+            sizes.extend((b[2] - b[0], b[3] - b[1]) for b in sample.boxes)
+        return kmeans_level_anchors(torch.tensor(sizes))
+
+    def _build(self) -> None:
+        config = self.config
+        resume = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True) \
+            if self.checkpoint_path.exists() else None
+        if resume is not None:
+            record = ModelRecordV2.from_dict(resume["record"])
+        else:
+            record = ModelRecordV2(backbone=config.backbone, input_size=config.input_size,
+                                   anchor_sizes=self._anchors(), fpn_channels=config.fpn_channels,
+                                   identity_channels=config.identity_channels, embedding_dim=config.embedding_dim,
+                                   roi_size=config.roi_size, roi_margin=config.roi_margin,
+                                   class_names=self.data.class_names, training_command=" ".join(sys.argv),
+                                   training_data=json.dumps(sorted(config.labels)))
+        self.model = JointNetV2(record).to(memory_format=torch.channels_last)
+        self.model.teacher_mean.copy_(torch.from_numpy(self.teacher_mean))
+        self.margin_head = (MarginClassifier(config.embedding_dim, len(self.data.class_names), config.margin_kind,
+                                             config.margin_scale, config.margin)
+                            if config.margin_kind != "none" and self.data.class_names else None)
+        if resume is None and config.init_weights:
+            self.model.backbone.load_state_dict(backbone_from_weights(config.init_weights))
+        backbone = list(self.model.backbone.parameters())
+        backbone_ids = {id(p) for p in backbone}
+        rest = [p for p in self.model.parameters() if id(p) not in backbone_ids]
+        if self.margin_head is not None:
+            rest += list(self.margin_head.parameters())
+        factor = config.backbone_lr_factor if config.init_weights else 1.0
+        self.optimizer = torch.optim.AdamW([{"params": backbone, "lr": config.lr * factor},
+                                            {"params": rest, "lr": config.lr}], weight_decay=config.weight_decay)
+        warmup, total = config.warmup_steps, config.max_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup)
+                                                           * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        if resume is not None:
+            self.model.load_state_dict(resume["model"])
+            if self.margin_head is not None and resume.get("margin_head"):
+                self.margin_head.load_state_dict(resume["margin_head"])
+            self.optimizer.load_state_dict(resume["optimizer"])
+            self.scheduler.load_state_dict(resume["scheduler"])
+            self.step = int(resume["step"])
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        (self.out_dir / "model_record.json").write_text(json.dumps(record.to_dict(), indent=2) + "\n")
+        (self.out_dir / "data.json").write_text(json.dumps(self.data.counts, indent=2) + "\n")
+
+    def save_checkpoint(self) -> None:
+        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.checkpoint_path.with_suffix(".tmp")
+        torch.save({"format": CHECKPOINT_FORMAT, "record": self.model.record.to_dict(),
+                    "model": self.model.state_dict(),
+                    "margin_head": self.margin_head.state_dict() if self.margin_head is not None else None,
+                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "step": self.step, "config": asdict(self.config)}, temporary)
+        temporary.replace(self.checkpoint_path)
+
+    def batch(self, step: int):
+        size = self.config.batch_size
+        return collate([self.composer.compose(step * size + i) for i in range(size)])
+
+    def train_step(self) -> dict[str, float]:
+        config = self.config
+        images, boxes, teachers, valid, identities = self.batch(self.step)
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.step)
+        image_idx = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, b in enumerate(boxes)])
+        all_boxes = torch.cat(boxes) if boxes else torch.zeros(0, 4)
+        rois = jitter_boxes(all_boxes, config.box_jitter, generator)
+        detections, embeddings = self.model.forward_train(normalise(images, self.model.record), rois, image_idx)
+        matched = match_multilevel(boxes, self.model.anchor_grids(), detections.grid_sizes)
+        if self.margin_head is not None:
+            self.margin_head.ramp = min(1.0, self.step / max(1, config.margin_warmup_steps))
+        losses = losses_v2(detections, matched, embeddings, teachers, valid, identities,
+                           self.model.teacher_mean, self.margin_head,
+                           teacher_projection=self.model.teacher_projection)
+        check_finite(losses, self.step)
+        total = sum(config.loss_weights.get(name, 1.0) * value for name, value in losses.items())
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return {**{k: float(v.detach()) for k, v in losses.items()}, "total": float(total.detach())}
+
+    def _append(self, name: str, row: dict) -> None:
+        path = self.out_dir / name
+        new = not path.exists()
+        with path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def validate_and_export(self) -> dict:
+        metrics = validate(self.model, self.data.holdout[:400], self.teacher_mean, self.proxy, self.loader,
+                           self.config.input_size)
+        self._append("validation.csv", {"step": self.step, **{k: round(v, 5) if isinstance(v, float) else v
+                                                              for k, v in metrics.items()}})
+        export_weights(self.model, self.margin_head, self.config, self.step, metrics,
+                       self.out_dir / "jointface.pt", self.data.counts)
+        plot_curves(self.out_dir)
+        return metrics
+
+    def run(self) -> dict:
+        config = self.config
+        started, last_log = time.monotonic(), time.monotonic()
+        metrics: dict = {}
+        try:
+            while self.step < config.max_steps:
+                losses = self.train_step()
+                if self.step % config.log_every == 0:
+                    now = time.monotonic()
+                    row = {"step": self.step, "seconds": round(now - last_log, 2),
+                           "lr": round(self.scheduler.get_last_lr()[-1], 7), **{k: round(v, 5) for k, v in losses.items()}}
+                    last_log = now
+                    self._append("steps.csv", row)
+                    if config.progress:
+                        rate = config.log_every * config.batch_size / max(row["seconds"], 1e-9)
+                        print(f"step {self.step}/{config.max_steps} {rate:.1f} img/s "
+                              + " ".join(f"{k}={v:.3f}" for k, v in losses.items()), flush=True)
+                if self.step % config.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if config.validate_every and self.step % config.validate_every == 0:
+                    metrics = self.validate_and_export()
+                    print(f"validation at step {self.step}: {metrics}", flush=True)
+        except KeyboardInterrupt:
+            self.save_checkpoint()
+            print(f"interrupted: checkpoint saved at step {self.step}; run again to resume", flush=True)
+            raise
+        self.save_checkpoint()
+        if not metrics or metrics.get("step") != self.step:
+            metrics = self.validate_and_export()
+        return {"step": self.step, "seconds": round(time.monotonic() - started, 1), **metrics}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("--max-steps", type=int)
+    args = parser.parse_args(argv)
+    config = TrainConfigV2.load(args.config)
+    if args.max_steps:
+        config.max_steps = args.max_steps
+    print(json.dumps(Run(config).run(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

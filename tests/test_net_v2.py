@@ -1,0 +1,142 @@
+"""JointNet v2: RoIAlign, multi-level matching, losses, training run with resume, engine (issue 15)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from jointface.net.anchors import AnchorGrid
+from jointface.net.v2 import (JointNetV2, ModelRecordV2, all_anchors, faces_from_maps, losses_v2,
+                              match_multilevel, relational_loss, roi_align)
+
+TINY_ANCHORS = [[[12.0, 12.0], [20.0, 20.0]], [[32.0, 32.0], [48.0, 48.0]], [[64.0, 64.0], [96.0, 96.0]]]
+
+
+def tiny_record(**changes) -> ModelRecordV2:
+    values = dict(backbone="resnet_tiny", input_size=64, anchor_sizes=TINY_ANCHORS, fpn_channels=16,
+                  identity_channels=16, embedding_dim=16, roi_size=4, class_names=["a", "b"])
+    values.update(changes)
+    return ModelRecordV2(**values)
+
+
+def test_roi_align_by_hand():
+    # feature value = its column index; stride 8: column j covers input pixels [8j, 8j + 8)
+    features = torch.arange(4, dtype=torch.float32).view(1, 1, 1, 4).expand(1, 1, 4, 4).contiguous()
+    # the box covering columns 1 and 2 exactly (input x 8..24): bins at x = 12 and 20 -> columns 1.0 and 2.0
+    pooled = roi_align(features, torch.tensor([[8.0, 8.0, 24.0, 24.0]]), torch.tensor([0]), 8, 2, sampling=1)
+    assert torch.allclose(pooled[0, 0], torch.tensor([[1.0, 2.0], [1.0, 2.0]]))
+    # two samples per bin: x = 10, 14 -> columns 0.75, 1.25 -> mean 1.0
+    pooled = roi_align(features, torch.tensor([[8.0, 8.0, 24.0, 24.0]]), torch.tensor([0]), 8, 2, sampling=2)
+    assert torch.allclose(pooled[0, 0], torch.tensor([[1.0, 2.0], [1.0, 2.0]]))
+    assert roi_align(features, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 8, 2).shape == (0, 1, 2, 2)
+
+
+def test_each_face_goes_to_the_level_of_its_size():
+    grids = [AnchorGrid(torch.tensor(sizes), stride) for sizes, stride in zip(TINY_ANCHORS, (8, 16, 32))]
+    grid_sizes = [(8, 8), (4, 4), (2, 2)]
+    small = torch.tensor([[-2.0, -2.0, 10.0, 10.0]])      # centre (4, 4): level 0, cell (0, 0), anchor 0
+    large = torch.tensor([[0.0, 0.0, 96.0, 96.0]])        # centre (48, 48): level 2, cell (1, 1), anchor 1
+    matched = match_multilevel([small, large], grids, grid_sizes)
+    assert matched.matched_image_idx.tolist() == [0, 1]
+    level2_start = 8 * 8 * 2 + 4 * 4 * 2
+    assert matched.matched_anchor_idx.tolist() == [0, level2_start + (1 * 2 + 1) * 2 + 1]
+    anchors, strides = all_anchors(grids, grid_sizes)
+    assert len(anchors) == level2_start + 2 * 2 * 2 and strides[-1] == 32
+    # the face sits exactly on its anchor: centre offset 0.5 (cell centre), log size ratio 0
+    assert torch.allclose(matched.box_targets, torch.tensor([[0.5, 0.5, 0.0, 0.0]] * 2), atol=1e-6)
+    assert matched.objectness.sum() == 2
+
+
+def test_relational_loss_is_zero_for_the_same_geometry():
+    vectors = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
+    assert relational_loss(vectors, vectors).item() == pytest.approx(0.0, abs=1e-7)
+    assert relational_loss(vectors, torch.nn.functional.normalize(torch.randn(5, 8), dim=1)).item() > 0
+
+
+def test_forward_backward_reaches_every_parameter_and_a_step_lowers_the_loss(one_torch_thread):
+    from jointface.net.model import MarginClassifier
+
+    torch.manual_seed(0)
+    model = JointNetV2(tiny_record())
+    head = MarginClassifier(16, 2, "cosface")
+    images = torch.randn(2, 3, 64, 64)
+    boxes = [torch.tensor([[8.0, 8.0, 40.0, 40.0]]), torch.tensor([[20.0, 16.0, 36.0, 36.0]])]
+    teachers, valid, identities = torch.randn(2, 128), torch.tensor([True, True]), torch.tensor([0, 1])
+    optimizer = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=0.05)
+
+    def loss() -> torch.Tensor:
+        detections, embeddings = model.forward_train(images, torch.cat(boxes), torch.tensor([0, 1]))
+        matched = match_multilevel(boxes, model.anchor_grids(), detections.grid_sizes)
+        terms = losses_v2(detections, matched, embeddings, teachers, valid, identities, torch.zeros(128), head,
+                          teacher_projection=model.teacher_projection)
+        assert set(terms) == {"box", "confidence", "distill", "relational", "identity_margin"}
+        return sum(terms.values())
+
+    first = loss()
+    first.backward()
+    missing = [name for name, p in [*model.named_parameters(), *head.named_parameters()] if p.grad is None]
+    assert not missing
+    for _ in range(5):
+        optimizer.step()
+        optimizer.zero_grad()
+        loss().backward()
+    assert loss().item() < first.item()
+
+
+def test_inference_gives_unit_embeddings_per_kept_face():
+    model = JointNetV2(tiny_record()).eval()
+    with torch.no_grad():
+        maps = model.forward_maps(torch.randn(2, 3, 96, 64))
+        faces = faces_from_maps(model, maps, conf_threshold=0.0, max_faces=5)
+    assert len(faces) == 2
+    for found in faces:
+        assert len(found.boxes) == len(found.scores) == len(found.embeddings) <= 5
+        assert torch.allclose(found.embeddings.norm(dim=1), torch.ones(len(found.embeddings)), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- a training run and the engine
+def _labels(tmp_path: Path, lfw_dir: Path) -> dict[str, str]:
+    rng = np.random.default_rng(0)
+    records = []
+    for person in ("Abdullah_Gul", "Adrien_Brody"):  # P1 people (>= 6 photos)
+        for path in sorted((lfw_dir / person).glob("*.jpg"))[:4]:
+            records.append({"path": f"{person}/{path.name}", "collection": "lfw", "identity": person,
+                            "width": 250, "height": 250, "status": "ok", "detector": "hog", "error": None,
+                            "faces": [{"box": [80.0, 80.0, 170.0, 180.0], "landmark_box": [82.0, 90.0, 168.0, 180.0],
+                                       "score": 1.0, "teacher": [float(v) for v in rng.normal(0, 0.1, 128)],
+                                       "subject": True}]})
+    labels = tmp_path / "lfw.jsonl"
+    labels.write_text("".join(json.dumps(r) + "\n" for r in records))
+    Path(str(labels) + ".manifest.json").write_text(json.dumps({"root": str(lfw_dir), "layout": "lfw"}))
+    return {"lfw": str(labels)}
+
+
+def test_training_run_resumes_and_exports_weights_the_engine_runs(tmp_path, lfw_dir, knn_dir, one_torch_thread):
+    from jointface.engines.joint_engine import JointEngine
+    from jointface.imageio import load_image
+    from jointface.train.v2 import Run, TrainConfigV2
+
+    config = TrainConfigV2(labels=_labels(tmp_path, lfw_dir), out_dir=str(tmp_path / "run"), backbone="resnet_tiny",
+                           input_size=64, fpn_channels=16, identity_channels=16, embedding_dim=16, roi_size=4,
+                           batch_size=2, max_steps=2, warmup_steps=1, checkpoint_every=1, log_every=1,
+                           validate_every=0, anchor_sample_images=20, num_threads=1, progress=False)
+    result = Run(config).run()
+    assert result["step"] == 2
+    config.max_steps = 4
+    resumed = Run(config)
+    assert resumed.step == 2  # from the checkpoint, not from scratch
+    assert resumed.run()["step"] == 4
+    steps = [int(line.split(",")[0]) for line in (tmp_path / "run" / "steps.csv").read_text().splitlines()[1:]]
+    assert steps == [1, 2, 3, 4]
+    weights = tmp_path / "run" / "jointface.pt"
+    engine = JointEngine(weights, conf_threshold=0.0)
+    assert engine.architecture == "v2" and engine.dim == 16
+    faces = engine.detect(load_image(knn_dir / "test" / "obama1.jpg"))
+    assert faces and all(f.embedding.shape == (16,) for f in faces)
+    flipped = JointEngine(weights, conf_threshold=0.0, flip=True).detect(load_image(knn_dir / "test" / "obama1.jpg"))
+    # flip changes embeddings, not the faces found (boxes equal up to float rounding: the batch is larger)
+    assert np.allclose([f.box for f in flipped], [f.box for f in faces], atol=1e-2)
