@@ -37,7 +37,7 @@ from jointface.imageio import IMAGE_SUFFIXES
 LAYOUTS = ("lfw", "folder", "fei", "caltech", "gt", "aaf", "utkface", "celeba")
 #: How the identity-bearing face of a photo is chosen, per layout (default ``centre``).
 SUBJECT_RULE = {"celeba": "largest", "utkface": "largest"}
-P1_MIN_IMAGES, P1_IMAGES_PER_PERSON = 6, 30
+from .protocols import P1_IMAGES_PER_PERSON, P1_MIN_IMAGES  # noqa: E402,F401
 
 
 class CollectionError(FileNotFoundError):
@@ -69,21 +69,17 @@ def lfw_p1_split(lfw_root: str | os.PathLike) -> dict[str, str]:
     """PROTOCOLS.md P1 over an LFW tree: relative path -> ``train`` / ``test`` / ``extra``.
 
     ``extra``: images of P1 people beyond their first 30 (allowed for training).
-    Images of anyone else are absent from the mapping.
+    Images of anyone else are absent from the mapping. The split itself is
+    :func:`jointface.datasets.protocols.p1_split` (one definition of P1).
     """
+    from .protocols import p1_extra_train, p1_split
+
     root = Path(lfw_root)
-    split: dict[str, str] = {}
-    for person in sorted(p for p in root.iterdir() if p.is_dir()):
-        images = images_in(person)
-        if len(images) < P1_MIN_IMAGES:
-            continue
-        for position, path in enumerate(images):
-            relative = path.relative_to(root).as_posix()
-            if position >= P1_IMAGES_PER_PERSON:
-                split[relative] = "extra"
-            else:
-                split[relative] = "test" if position % 5 == 4 else "train"
-    return split
+    split = p1_split(root)
+    mapping = {image.path.relative_to(root).as_posix(): "train" for image in split.train}
+    mapping.update({image.path.relative_to(root).as_posix(): "test" for image in split.test})
+    mapping.update({image.path.relative_to(root).as_posix(): "extra" for image in p1_extra_train(root)})
+    return mapping
 
 
 def read_lfw(root: Path, p1_people_only: bool = True) -> list[SourceImage]:
