@@ -95,7 +95,8 @@ def test_label_every_face_resumes_and_reports(mini_collections, knn_dir, tmp_pat
 
 def _labels_file(path: Path, root: Path, layout: str, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    Path(str(path) + ".manifest.json").write_text(json.dumps({"root": str(root), "layout": layout}))
+    Path(str(path) + ".manifest.json").write_text(json.dumps({"root": str(root), "layout": layout,
+                                                              "complete": True}))
     return path
 
 
@@ -128,6 +129,10 @@ def test_leak_guard_drops_a_planted_lfw_evaluation_photo(tmp_path, lfw_dir, dlib
         _record("planted.jpg", "celeba_1", teacher(planted)),
         _record("stranger.jpg", "celeba_2", teacher(stranger))])
     result = build_training_set({"lfw": lfw, "celeba": extra})
+    manifest = Path(str(lfw) + ".manifest.json")
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "complete": False}))
+    with pytest.raises(ValueError, match="not complete"):
+        build_training_set({"lfw": lfw, "celeba": extra})
     assert result.counts["celeba"]["dropped_by_leak_guard"] == 1
     kept = [Path(p.path).name for p in result.train if p.collection == "x"]
     assert "stranger.jpg" in kept and "planted.jpg" not in kept

@@ -124,15 +124,25 @@ def leaking(descriptors: np.ndarray, evaluation: np.ndarray, distance: float = L
 
 
 def build_training_set(labels: dict[str, str | os.PathLike], *, leak_distance: float = LEAK_DISTANCE,
-                       holdout_every: int = HOLDOUT_EVERY, limits: dict[str, int] | None = None) -> TrainingSet:
+                       holdout_every: int = HOLDOUT_EVERY, limits: dict[str, int] | None = None,
+                       class_names: list[str] | None = None) -> TrainingSet:
     """The training photos of labelled collections (see the module docstring).
 
     ``labels``: collection layout -> ``faces.jsonl`` path; ``lfw`` is required
-    (its non-P1 people are what the leak guard protects). ``limits``: at most
-    this many photos (first, in file order) of a collection.
+    (its non-P1 people are what the leak guard protects), and must be complete
+    before any other collection is used. ``limits``: at most this many photos
+    (first, in file order) of a collection. ``class_names``: the identity
+    classes to use (a resumed run keeps its own); by default every person with
+    two usable photos.
     """
     if "lfw" not in labels:
         raise ValueError("the LFW labels are required: the leak guard compares every face with LFW's evaluation people")
+    if len(labels) > 1:
+        lfw_manifest = manifest_path(Path(labels["lfw"]))
+        complete = lfw_manifest.exists() and json.loads(lfw_manifest.read_text()).get("complete")
+        if not complete:
+            raise ValueError(f"{labels['lfw']}: the LFW labels are not complete; the leak guard needs every LFW "
+                             f"evaluation face before other collections can be used (finish the labelling run)")
     limits = limits or {}
     records: dict[str, list[dict]] = {}
     roots: dict[str, Path] = {}
@@ -158,7 +168,8 @@ def build_training_set(labels: dict[str, str | os.PathLike], *, leak_distance: f
     for layout in ("lfw", "celeba", "folder", "fei", "caltech", "gt"):
         for record in usable.get(layout, []):
             by_identity[record["identity"]] = by_identity.get(record["identity"], 0) + 1
-    class_names = sorted(name for name, count in by_identity.items() if count >= 2)
+    if class_names is None:
+        class_names = sorted(name for name, count in by_identity.items() if count >= 2)
     identity_index = {name: i for i, name in enumerate(class_names)}
 
     train, holdout = [], []

@@ -175,6 +175,9 @@ class JointNetV2(nn.Module):
         self.identity_map = nn.Sequential(nn.Conv2d(channels, record.identity_channels, 3, padding=1, bias=False),
                                           nn.BatchNorm2d(record.identity_channels), nn.ReLU(inplace=True))
         self.identity = IdentityHead(record.identity_channels, record.roi_size, record.embedding_dim)
+        #: training option: no gradient through the stem and first stage (stride 4, the costliest backward
+        #: per weight); set by the training run, never stored
+        self.frozen_stem = False
         #: the distillation target lives in the teacher's 128 dimensions: with another embedding size a
         #: bias-free linear map takes the embedding there (with 128 the embedding itself is distilled)
         self.teacher_projection = (nn.Identity() if record.embedding_dim == TEACHER_DIM
@@ -192,8 +195,9 @@ class JointNetV2(nn.Module):
         ``(B, C, H/8, W/8)``, ``(B, C, H/16, W/16)``. Everything dense, and nothing else: the part exported
         to ONNX Runtime."""
         b = self.backbone
-        x = b.maxpool(b.relu(b.bn1(b.conv1(images))))
-        c3 = b.layer2(b.layer1(x))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_stem):
+            x = b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(images)))))
+        c3 = b.layer2(x)
         c4 = b.layer3(c3)
         c5 = b.layer4(c4)
         p5 = self.lateral[2](c5)
@@ -413,12 +417,28 @@ def faces_from_maps(model: JointNetV2, maps: Sequence[torch.Tensor], conf_thresh
 
 
 def kmeans_level_anchors(box_sizes: torch.Tensor, levels: int = 3, per_level: int = 3) -> list[list[list[float]]]:
-    """k-means anchors (``levels * per_level``, smallest first) split into levels, finest level first."""
+    """Anchors per level, finest level first: the boxes are split into ``levels`` bands of equal width in
+    log face size (not of equal count: small mosaic faces outnumber close-ups, and a plain 9-way k-means
+    would give the coarsest level nothing near a close-up), then k-means within each band."""
     from .anchors import kmeans_anchors
 
-    sizes = kmeans_anchors(box_sizes, levels * per_level)
-    return [[[round(float(w), 1), round(float(h), 1)] for w, h in sizes[i * per_level:(i + 1) * per_level]]
-            for i in range(levels)]
+    box_sizes = torch.as_tensor(box_sizes, dtype=torch.float32).reshape(-1, 2)
+    box_sizes = box_sizes[(box_sizes > 0).all(dim=1)]
+    size = box_sizes.prod(dim=1).sqrt().log()
+    edges = torch.linspace(float(size.min()), float(size.max()), levels + 1)
+    anchors = []
+    for level in range(levels):
+        upper = size <= edges[level + 1] if level == levels - 1 else size < edges[level + 1]
+        band = box_sizes[(size >= edges[level]) & upper]
+        if len(band) < per_level:  # too few boxes to cluster: sizes evenly spaced in log over the band
+            aspect = float((box_sizes[:, 1] / box_sizes[:, 0]).median())
+            steps = (torch.arange(per_level, dtype=torch.float32) + 0.5) / per_level
+            sides = (edges[level] + steps * (edges[level + 1] - edges[level])).exp()
+            band_anchors = torch.stack((sides / aspect ** 0.5, sides * aspect ** 0.5), dim=1)
+        else:
+            band_anchors = kmeans_anchors(band, per_level)
+        anchors.append([[round(float(w), 1), round(float(h), 1)] for w, h in band_anchors])
+    return anchors
 
 
 def check_record_fits(record: ModelRecordV2) -> None:

@@ -62,6 +62,7 @@ class TrainConfigV2:
     max_steps: int = 4000
     lr: float = 1e-3
     backbone_lr_factor: float = 0.3
+    freeze_stem: bool = False             # no gradient through conv1 + layer1 (from init_weights only)
     weight_decay: float = 5e-4
     warmup_steps: int = 150
     grad_clip: float = 10.0
@@ -75,6 +76,9 @@ class TrainConfigV2:
     mosaic_probability: float = 0.3
     negative_probability: float = 0.1
     identity_min_face: float = 20.0
+    face_range_low: float = 12.0          # smallest subject face, input px
+    face_range_high: float = 0.95         # largest subject face, share of the canvas
+    scene_background: float = 0.7         # share of canvases on a face-free scene rather than the pad colour
     anchor_sample_images: int = 400
     seed: int = 0
     num_threads: int | None = 2
@@ -96,7 +100,9 @@ class TrainConfigV2:
 def composer_settings(config: TrainConfigV2) -> ComposerSettings:
     return ComposerSettings(size=config.input_size, mosaic_probability=config.mosaic_probability,
                             negative_probability=config.negative_probability,
-                            identity_min_face=config.identity_min_face)
+                            identity_min_face=config.identity_min_face,
+                            face_range=(config.face_range_low, config.face_range_high),
+                            scene_background=config.scene_background)
 
 
 def collate(samples) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -267,7 +273,11 @@ class Run:
         self.checkpoint_path = self.out_dir / "checkpoints" / "last.pt"
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.data = build_training_set(config.labels, limits=config.limits)
+        resume_classes = None
+        if self.checkpoint_path.exists():  # a resumed run keeps its identity classes (its margin head's rows)
+            resume_classes = torch.load(self.checkpoint_path, map_location="cpu",
+                                        weights_only=True)["record"]["class_names"]
+        self.data = build_training_set(config.labels, limits=config.limits, class_names=resume_classes)
         self.loader = PhotoLoader()
         self.composer = SampleComposer(self.data.train, self.loader, composer_settings(config), seed=config.seed)
         self.teacher_mean = self.data.teacher_mean()
@@ -302,7 +312,12 @@ class Run:
                             if config.margin_kind != "none" and self.data.class_names else None)
         if resume is None and config.init_weights:
             self.model.backbone.load_state_dict(backbone_from_weights(config.init_weights))
-        backbone = list(self.model.backbone.parameters())
+        if config.freeze_stem:
+            if not config.init_weights:
+                raise ValueError("freeze_stem needs init_weights: a stem trained from scratch must learn")
+            self.model.frozen_stem = True
+        backbone = [p for name, p in self.model.backbone.named_parameters()
+                    if not (config.freeze_stem and name.split(".")[0] in ("conv1", "bn1", "layer1"))]
         backbone_ids = {id(p) for p in backbone}
         rest = [p for p in self.model.parameters() if id(p) not in backbone_ids]
         if self.margin_head is not None:
