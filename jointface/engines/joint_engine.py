@@ -129,9 +129,7 @@ class JointEngine(Engine):
                                    for k, v in payload["state_dict"].items()})
         except (TypeError, ValueError, RuntimeError, KeyError) as exc:
             raise WeightsError(f"{path}: weights do not fit the network they describe ({exc})") from exc
-        if self.architecture == "v2" and runtime in ("onnx", "int8"):
-            raise WeightsError(f"{path}: a v2 network runs on the torch runtime only so far "
-                               f"(engines jointface, jointface-torch, jointface-reference, jointface-flip)")
+
         self.weights_path = path
         training = payload.get("training") or {}
         self.training = {"identity_heads": list((training.get("config") or {}).get("identity_heads") or []),
@@ -151,8 +149,6 @@ class JointEngine(Engine):
         if runtime in ("onnx", "int8") and bf16:
             raise ValueError("bf16 autocast is a torch option; the onnx runtime paths do not use it")
         self._onnx = None
-        if runtime == "auto" and self.architecture == "v2":
-            runtime = "torch"
         if runtime == "auto":  # int8 when these weights have their int8 model beside them, else torch
             self._onnx = None if bf16 else self._int8_if_present(path, torch.get_num_threads())
             runtime = "torch" if self._onnx is None else "int8"
@@ -343,7 +339,8 @@ class JointEngine(Engine):
 
         count = len(images)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            maps = [m.float() for m in self.model.forward_maps(batch)]
+            maps = self.model.forward_maps(batch) if self._onnx is None else self._onnx(batch)
+            maps = [m.float() for m in maps]
         lap("network")
         with torch.inference_mode():
             found = faces_from_maps(self.model, [m[:count] for m in maps], self.conf_threshold, self.nms_iou,

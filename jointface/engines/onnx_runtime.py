@@ -68,6 +68,13 @@ def cache_dir() -> Path:
     return Path(base) / "jointface" / "onnx"
 
 
+def output_names(model) -> list[str]:
+    """The graph's outputs: v1's two maps, or v2's three detection maps and two identity maps."""
+    if getattr(model.record, "architecture", "v1") == "v2":
+        return ["detection_s8", "detection_s16", "detection_s32", "identity_s8", "identity_s16"]
+    return ["detection", "embedding"]
+
+
 def _export(model, path: Path, input_size: int) -> None:
     import torch
 
@@ -87,7 +94,7 @@ def _export(model, path: Path, input_size: int) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(Maps(model).eval(), (example,), tmp, input_names=["images"],
-                              output_names=["detection", "embedding"],
+                              output_names=output_names(model),
                               dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}},
                               opset_version=17, dynamo=False)
         os.replace(tmp, path)
@@ -97,7 +104,7 @@ def _export(model, path: Path, input_size: int) -> None:
 
 
 class OnnxMaps:
-    """``(B, 3, H, W)`` float tensor -> the network's two output maps, computed by ONNX Runtime."""
+    """``(B, 3, H, W)`` float tensor -> the network's output maps (:func:`output_names`), by ONNX Runtime."""
 
     def __init__(self, model, key: str, threads: int, folder: Path | None = None):
         ort = _import_ort()
@@ -151,8 +158,7 @@ class OnnxMaps:
         import torch
 
         array = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
-        detection, embedding = self.session.run(None, {"images": array})
-        return torch.from_numpy(detection), torch.from_numpy(embedding)
+        return tuple(torch.from_numpy(output) for output in self.session.run(None, {"images": array}))
 
 
 def quantize_int8(model, weights_version: str, batches, out_path: str | os.PathLike) -> dict:
