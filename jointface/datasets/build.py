@@ -123,6 +123,22 @@ def leaking(descriptors: np.ndarray, evaluation: np.ndarray, distance: float = L
     return out
 
 
+def _celeba_classes(roots: dict[str, Path]) -> set[str]:
+    """CelebA people with at least two photos in the collection (all of them, labelled or not)."""
+    if "celeba" not in roots:
+        return set()
+    from .collections import CollectionError, read_layout
+
+    try:
+        sources = read_layout(roots["celeba"], "celeba")
+    except CollectionError:  # the folder moved since labelling: the labelled photos decide alone
+        return set()
+    counts: dict[str, int] = {}
+    for source in sources:
+        counts[source.identity] = counts.get(source.identity, 0) + 1
+    return {name for name, count in counts.items() if count >= 2}
+
+
 def build_training_set(labels: dict[str, str | os.PathLike], *, leak_distance: float = LEAK_DISTANCE,
                        holdout_every: int = HOLDOUT_EVERY, limits: dict[str, int] | None = None,
                        class_names: list[str] | None = None) -> TrainingSet:
@@ -170,6 +186,10 @@ def build_training_set(labels: dict[str, str | os.PathLike], *, leak_distance: f
             by_identity[record["identity"]] = by_identity.get(record["identity"], 0) + 1
     if class_names is None:
         class_names = sorted(name for name, count in by_identity.items() if count >= 2)
+        # LFW P1 people and CelebA people come from the collections themselves, not from what is labelled
+        # so far: a run started while a collection is still being labelled has the classes it will end with
+        class_names = sorted(set(class_names) | {path.split("/")[0] for path, part in split.items()
+                                                 if part in ("train", "extra")} | _celeba_classes(roots))
     identity_index = {name: i for i, name in enumerate(class_names)}
 
     train, holdout = [], []

@@ -100,7 +100,7 @@ class JointEngine(Engine):
     name = "jointface"
     default_threshold = 0.5
     MAX_INPUT_SIZE = 640
-    V2_MAX_INPUT_SIZE = 448
+    V2_MAX_INPUT_SIZE = 384
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str = "cpu", bf16: bool = False,
                  conf_threshold: float = 0.7, nms_iou: float = 0.4, input_size: int | None = None,

@@ -277,7 +277,12 @@ class Run:
         if self.checkpoint_path.exists():  # a resumed run keeps its identity classes (its margin head's rows)
             resume_classes = torch.load(self.checkpoint_path, map_location="cpu",
                                         weights_only=True)["record"]["class_names"]
-        self.data = build_training_set(config.labels, limits=config.limits, class_names=resume_classes)
+        labels = {layout: path for layout, path in config.labels.items() if Path(path).exists()}
+        for layout in sorted(set(config.labels) - set(labels)):
+            print(f"note: {config.labels[layout]} does not exist yet: {layout} is left out of this stage",
+                  flush=True)
+        self.data = build_training_set(labels, limits=config.limits, class_names=resume_classes)
+        self.data.counts["left_out_unlabelled"] = sorted(set(config.labels) - set(labels))
         self.loader = PhotoLoader()
         self.composer = SampleComposer(self.data.train, self.loader, composer_settings(config), seed=config.seed)
         self.teacher_mean = self.data.teacher_mean()
@@ -388,7 +393,7 @@ class Run:
             writer.writerow(row)
 
     def validate_and_export(self) -> dict:
-        metrics = validate(self.model, self.data.holdout[:400], self.teacher_mean, self.proxy, self.loader,
+        metrics = validate(self.model, self.data.holdout[:200], self.teacher_mean, self.proxy, self.loader,
                            self.config.input_size)
         self._append("validation.csv", {"step": self.step, **{k: round(v, 5) if isinstance(v, float) else v
                                                               for k, v in metrics.items()}})
