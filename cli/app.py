@@ -561,14 +561,14 @@ def preprocess(
 
 def _preprocess_all_faces(root: Path, layout: str, labels_out: Path, limit: Optional[int], workers: int) -> None:
     from jointface.datasets.collections import LAYOUTS as ALL_LAYOUTS, CollectionError
-    from jointface.datasets.teacher import LabelsMismatch, label_collection
+    from jointface.datasets.teacher import LabelsBusy, LabelsMismatch, label_collection
 
     if layout not in ALL_LAYOUTS:
         raise typer.BadParameter(f"unknown layout {layout!r}; choose one of {', '.join(ALL_LAYOUTS)}")
     try:
         manifest = label_collection(root, layout, labels_out, workers=workers, limit=limit,
                                     progress=err.is_terminal)
-    except (CollectionError, LabelsMismatch) as exc:
+    except (CollectionError, LabelsMismatch, LabelsBusy) as exc:
         raise CliError(str(exc)) from exc
     except KeyboardInterrupt:
         err.print(f"interrupted: every finished photo is in {labels_out}; run the same command to continue",

@@ -202,3 +202,39 @@ def test_composer_covers_every_face_scale_and_kind():
 def test_composer_needs_a_face():
     with pytest.raises(ValueError, match="no photo with a face"):
         SampleComposer([Photo("c", 300, 300, [])], _loader)
+
+
+def test_preprocess_all_faces_command(mini_collections, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    runner = CliRunner()
+    out = tmp_path / "aaf.jsonl"
+    args = ["preprocess", str(mini_collections["aaf"]), "--layout", "aaf", "--out", str(out), "--all-faces",
+            "--workers", "1"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout)["photos"] == 3
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and json.loads(again.stdout)["newly_labelled"] == 0
+    missing = runner.invoke(app, [*args[:1], str(tmp_path / "nowhere"), *args[2:]])
+    assert missing.exit_code == 1 and "no such folder" in missing.output
+    foreign = runner.invoke(app, [*args[:3], "aaf", *args[4:]])  # the right layout, but read elsewhere
+    assert foreign.exit_code == 0
+    utk = runner.invoke(app, ["preprocess", str(mini_collections["utkface"]), "--layout", "utkface", "--out",
+                              str(out), "--all-faces"])
+    assert utk.exit_code == 1 and "choose another output file" in utk.output
+    wrong_layout = runner.invoke(app, [*args[:3], "utkface", *args[4:]])
+    assert wrong_layout.exit_code == 1 and "UTKFace naming" in wrong_layout.output
+
+
+def test_a_second_labelling_run_on_one_file_is_refused(mini_collections, tmp_path):
+    from filelock import FileLock
+
+    from jointface.datasets.teacher import LabelsBusy
+
+    out = tmp_path / "aaf.jsonl"
+    with FileLock(str(out) + ".lock"):
+        with pytest.raises(LabelsBusy, match="another labelling run"):
+            label_collection(mini_collections["aaf"], "aaf", out, workers=1, progress=False)

@@ -46,6 +46,10 @@ class LabelsMismatch(ValueError):
     """An output file already labels another collection."""
 
 
+class LabelsBusy(RuntimeError):
+    """Another labelling run holds the output file."""
+
+
 def _rect_box(rect, width: int, height: int, scale: float = 1.0) -> list[float]:
     return [float(min(max(rect.left() * scale, 0), width)), float(min(max(rect.top() * scale, 0), height)),
             float(min(max((rect.right() + 1) * scale, 0), width)),
@@ -129,19 +133,23 @@ def _label_one(job: tuple[str, str, str | None, str, str]) -> dict:
 
 
 def read_face_labels(path: str | os.PathLike) -> list[dict]:
-    """Records of a ``faces.jsonl`` file (a truncated last line from a crash is ignored)."""
+    """Records of a ``faces.jsonl`` file, one per photo (a truncated line from a crash is ignored; a photo
+    written twice, by two runs on one file, counts once, its first record)."""
     path = Path(path)
     if not path.exists():
         return []
-    records = []
+    records, seen = [], set()
     with path.open() as handle:
         for line in handle:
             line = line.strip()
             if line:
                 try:
-                    records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError:
                     continue
+                if record.get("path") not in seen:
+                    seen.add(record.get("path"))
+                    records.append(record)
     return records
 
 
@@ -168,9 +176,24 @@ def summarise(records: Iterable[dict]) -> dict:
 def label_collection(root: str | os.PathLike, layout: str, out_path: str | os.PathLike, *, workers: int = 2,
                      limit: int | None = None, progress: bool = True) -> dict:
     """Label every photo of a collection (resumable; see the module docstring). Returns the manifest."""
+    from filelock import FileLock, Timeout
+
     root, out_path = Path(root).resolve(), Path(out_path)
     sources: list[SourceImage] = read_layout(root, layout)[:limit]
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out_path) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise LabelsBusy(f"{out_path} is being written by another labelling run; wait for it or stop it") from None
+    try:
+        return _label_locked(root, layout, out_path, sources, workers, progress)
+    finally:
+        lock.release()
+
+
+def _label_locked(root: Path, layout: str, out_path: Path, sources: list[SourceImage], workers: int,
+                  progress: bool) -> dict:
     manifest_file = manifest_path(out_path)
     previous = json.loads(manifest_file.read_text()) if manifest_file.exists() else {}
     if previous and (previous.get("root") != str(root) or previous.get("layout") != layout):
