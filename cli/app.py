@@ -658,6 +658,40 @@ def train(
         err.print(f"weights copied to {export}", markup=False)
 
 
+@app.command("train-v2")
+@handle_errors
+def train_v2(
+    ctx: typer.Context,
+    config_path: Path = typer.Argument(..., help="A v2 training config (jointface/configs/v2_*.json)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: the config's out_dir); "
+                                                              "an interrupted run there resumes."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Train until this step."),
+) -> None:
+    """Train the v2 joint network on teacher-labelled collections (`preprocess --all-faces`); resumes."""
+    from dataclasses import replace
+
+    from jointface.train.v2 import Run, TrainConfigV2
+
+    if not config_path.is_file():
+        raise CliError(f"{config_path}: no such config file")
+    try:
+        config = TrainConfigV2.load(config_path)
+    except (ValueError, TypeError) as exc:
+        raise CliError(f"{config_path}: not a v2 training config ({exc})") from exc
+    config = replace(config, **{k: v for k, v in {"out_dir": str(out_dir) if out_dir else None,
+                                                  "max_steps": max_steps,
+                                                  "num_threads": settings(ctx).threads}.items() if v is not None})
+    if "lfw" not in config.labels:
+        raise CliError(f"{config_path}: its labels must include lfw (the leak guard's reference)")
+    try:
+        result = Run(config).run()
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    except FloatingPointError as exc:
+        raise CliError(str(exc)) from exc
+    out.print(json.dumps(result, indent=2, default=str), markup=False)
+
+
 @app.command()
 @handle_errors
 def quantize(

@@ -140,3 +140,25 @@ def test_training_run_resumes_and_exports_weights_the_engine_runs(tmp_path, lfw_
     flipped = JointEngine(weights, conf_threshold=0.0, flip=True).detect(load_image(knn_dir / "test" / "obama1.jpg"))
     # flip changes embeddings, not the faces found (boxes equal up to float rounding: the batch is larger)
     assert np.allclose([f.box for f in flipped], [f.box for f in faces], atol=1e-2)
+
+
+def test_train_v2_command(tmp_path, lfw_dir, one_torch_thread):
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    config = {"labels": _labels(tmp_path, lfw_dir), "out_dir": str(tmp_path / "run"), "backbone": "resnet_tiny",
+              "input_size": 64, "fpn_channels": 16, "identity_channels": 16, "embedding_dim": 16, "roi_size": 4,
+              "batch_size": 2, "max_steps": 1, "warmup_steps": 1, "log_every": 1, "validate_every": 0,
+              "anchor_sample_images": 20, "progress": False}
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(config))
+    runner = CliRunner()
+    result = runner.invoke(app, ["--threads", "1", "train-v2", str(path)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["step"] == 1 and (tmp_path / "run" / "jointface.pt").is_file()
+    path.write_text(json.dumps({**config, "learning_rate": 1}))
+    bad = runner.invoke(app, ["train-v2", str(path)])
+    assert bad.exit_code == 1 and "unknown config fields ['learning_rate']" in bad.output
+    missing = runner.invoke(app, ["train-v2", str(tmp_path / "none.json")])
+    assert missing.exit_code == 1 and "no such config file" in missing.output

@@ -153,12 +153,6 @@ def build_training_set(labels: dict[str, str | os.PathLike], *, leak_distance: f
     """
     if "lfw" not in labels:
         raise ValueError("the LFW labels are required: the leak guard compares every face with LFW's evaluation people")
-    if len(labels) > 1:
-        lfw_manifest = manifest_path(Path(labels["lfw"]))
-        complete = lfw_manifest.exists() and json.loads(lfw_manifest.read_text()).get("complete")
-        if not complete:
-            raise ValueError(f"{labels['lfw']}: the LFW labels are not complete; the leak guard needs every LFW "
-                             f"evaluation face before other collections can be used (finish the labelling run)")
     limits = limits or {}
     records: dict[str, list[dict]] = {}
     roots: dict[str, Path] = {}
@@ -166,6 +160,12 @@ def build_training_set(labels: dict[str, str | os.PathLike], *, leak_distance: f
         path = Path(path)
         roots[layout] = _root_of(path)
         records[layout] = read_face_labels(path)[:limits.get(layout)]
+    if any(records[layout] for layout in records if layout != "lfw"):
+        lfw_manifest = manifest_path(Path(labels["lfw"]))
+        complete = lfw_manifest.exists() and json.loads(lfw_manifest.read_text()).get("complete")
+        if not complete:
+            raise ValueError(f"{labels['lfw']}: the LFW labels are not complete; the leak guard needs every LFW "
+                             f"evaluation face before other collections can be used (finish the labelling run)")
     lfw_root = roots["lfw"]
     split = lfw_p1_split(lfw_root)
     evaluation = lfw_evaluation_descriptors(records["lfw"], lfw_root)

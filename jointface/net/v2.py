@@ -175,9 +175,9 @@ class JointNetV2(nn.Module):
         self.identity_map = nn.Sequential(nn.Conv2d(channels, record.identity_channels, 3, padding=1, bias=False),
                                           nn.BatchNorm2d(record.identity_channels), nn.ReLU(inplace=True))
         self.identity = IdentityHead(record.identity_channels, record.roi_size, record.embedding_dim)
-        #: training option: no gradient through the stem and first stage (stride 4, the costliest backward
-        #: per weight); set by the training run, never stored
-        self.frozen_stem = False
+        #: training option: no gradient through the stem and the first N residual stages (0-3); their
+        #: backward is most of a step's cost on a CPU. Set by the training run, never stored
+        self.frozen_stages = 0
         #: the distillation target lives in the teacher's 128 dimensions: with another embedding size a
         #: bias-free linear map takes the embedding there (with 128 the embedding itself is distilled)
         self.teacher_projection = (nn.Identity() if record.embedding_dim == TEACHER_DIM
@@ -195,10 +195,13 @@ class JointNetV2(nn.Module):
         ``(B, C, H/8, W/8)``, ``(B, C, H/16, W/16)``. Everything dense, and nothing else: the part exported
         to ONNX Runtime."""
         b = self.backbone
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_stem):
+        grad = torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad and self.frozen_stages < 1):
             x = b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(images)))))
-        c3 = b.layer2(x)
-        c4 = b.layer3(c3)
+        with torch.set_grad_enabled(grad and self.frozen_stages < 2):
+            c3 = b.layer2(x)
+        with torch.set_grad_enabled(grad and self.frozen_stages < 3):
+            c4 = b.layer3(c3)
         c5 = b.layer4(c4)
         p5 = self.lateral[2](c5)
         p4 = self.lateral[1](c4) + F.interpolate(p5, size=c4.shape[-2:], mode="nearest")

@@ -62,7 +62,7 @@ class TrainConfigV2:
     max_steps: int = 4000
     lr: float = 1e-3
     backbone_lr_factor: float = 0.3
-    freeze_stem: bool = False             # no gradient through conv1 + layer1 (from init_weights only)
+    frozen_stages: int = 0                # no gradient through the stem + this many stages (init_weights only)
     weight_decay: float = 5e-4
     warmup_steps: int = 150
     grad_clip: float = 10.0
@@ -277,9 +277,11 @@ class Run:
         if self.checkpoint_path.exists():  # a resumed run keeps its identity classes (its margin head's rows)
             resume_classes = torch.load(self.checkpoint_path, map_location="cpu",
                                         weights_only=True)["record"]["class_names"]
-        labels = {layout: path for layout, path in config.labels.items() if Path(path).exists()}
+        from jointface.datasets.teacher import manifest_path
+
+        labels = {layout: path for layout, path in config.labels.items() if manifest_path(Path(path)).exists()}
         for layout in sorted(set(config.labels) - set(labels)):
-            print(f"note: {config.labels[layout]} does not exist yet: {layout} is left out of this stage",
+            print(f"note: {config.labels[layout]} is not being labelled yet: {layout} is left out of this stage",
                   flush=True)
         self.data = build_training_set(labels, limits=config.limits, class_names=resume_classes)
         self.data.counts["left_out_unlabelled"] = sorted(set(config.labels) - set(labels))
@@ -294,7 +296,8 @@ class Run:
         sizes = []
         for index in range(self.config.anchor_sample_images):
             sample = self.composer.compose(10_000_000 + index)
-            sizes.extend((b[2] - b[0], b[3] - b[1]) for b in sample.boxes)
+            sizes.extend((b[2] - b[0], b[3] - b[1]) for b in sample.boxes
+                         if min(b[2] - b[0], b[3] - b[1]) >= self.config.face_range_low)  # not edge slivers
         return kmeans_level_anchors(torch.tensor(sizes))
 
     def _build(self) -> None:
@@ -317,12 +320,13 @@ class Run:
                             if config.margin_kind != "none" and self.data.class_names else None)
         if resume is None and config.init_weights:
             self.model.backbone.load_state_dict(backbone_from_weights(config.init_weights))
-        if config.freeze_stem:
+        if config.frozen_stages:
             if not config.init_weights:
-                raise ValueError("freeze_stem needs init_weights: a stem trained from scratch must learn")
-            self.model.frozen_stem = True
-        backbone = [p for name, p in self.model.backbone.named_parameters()
-                    if not (config.freeze_stem and name.split(".")[0] in ("conv1", "bn1", "layer1"))]
+                raise ValueError("frozen_stages needs init_weights: a backbone trained from scratch must learn")
+            self.model.frozen_stages = int(config.frozen_stages)
+        frozen = {"conv1", "bn1", *(f"layer{i}" for i in range(1, config.frozen_stages + 1))} \
+            if config.frozen_stages else set()
+        backbone = [p for name, p in self.model.backbone.named_parameters() if name.split(".")[0] not in frozen]
         backbone_ids = {id(p) for p in backbone}
         rest = [p for p in self.model.parameters() if id(p) not in backbone_ids]
         if self.margin_head is not None:
