@@ -38,13 +38,26 @@ def test_shipped_weights_have_their_int8_model_and_the_default_engine_runs_it():
     assert get_engine("jointface-torch").describe()["runtime"] == "torch"
 
 
-def test_sidecar_records_the_measured_accuracy_and_gates_the_default():
-    from jointface.engines import DEFAULT_ENGINE_MIN_P1_ACCURACY, default_engine_name
+def test_sidecar_records_the_measured_figures_and_gates_the_default():
+    from jointface.engines import default_engine_decision, default_engine_name
 
     sidecar = json.loads(default_weights_path().with_suffix(".json").read_text())
-    accuracy = sidecar["p1"]["top1_nearest_train"]
-    expected = "jointface" if accuracy >= DEFAULT_ENGINE_MIN_P1_ACCURACY else "dlib"
-    assert default_engine_name() == expected
+    assert default_engine_name() == default_engine_decision(sidecar)["engine"]
+
+
+def test_default_engine_rule_by_hand():
+    from jointface.engines import default_engine_decision
+
+    card = {"p2": {"tpir@fpir=0.01": 0.52, "dlib_tpir@fpir=0.01": 0.556},
+            "p6b": {"recall": {"24": 0.3, "48": 0.98, "96": 0.99, "192": 0.99, "384": 0.99},
+                    "dlib_recall": {"24": 0.015, "48": 0.975, "96": 0.95, "192": 0.975, "384": 0.99}}}
+    assert default_engine_decision(card)["engine"] == "jointface"
+    below_at_384 = {**card, "p6b": {**card["p6b"], "recall": {**card["p6b"]["recall"], "384": 0.9}}}
+    assert "384" in default_engine_decision(below_at_384)["reason"]
+    assert default_engine_decision(below_at_384)["engine"] == "dlib"
+    far_behind = {**card, "p2": {"tpir@fpir=0.01": 0.50, "dlib_tpir@fpir=0.01": 0.556}}
+    assert default_engine_decision(far_behind)["engine"] == "dlib"
+    assert default_engine_decision({"p2": card["p2"]})["engine"] == "dlib"  # no P6 on the card
 
 
 def test_jointface_search_finds_two_faces(run_cli, knn_dir, tmp_path):

@@ -93,10 +93,37 @@ def write_weights_card(results_dir: Path) -> Path | None:
             calibrated = figures["calibrated"][DEFAULT_THRESHOLD_FPIR]
             card["p2"] = {key: figures.get(key) for key in ("rank1", "rank5", "tpir@fpir=0.01",
                                                               "tpir@fpir=0.1", "calibrated")}
+            dlib_figures = p2["figures"].get("dlib")
+            if dlib_figures:  # the reference of the default-engine rule, measured in the same run
+                card["p2"]["dlib_tpir@fpir=0.01"] = dlib_figures.get("tpir@fpir=0.01")
             card["default_threshold"] = calibrated["threshold"]
             card["default_threshold_source"] = (
                 f"P2 calibration (FPIR {DEFAULT_THRESHOLD_FPIR} on held-out strangers against a gallery of "
                 f"{figures.get('gallery_enrolled')} people; smaller galleries accept fewer strangers)")
+    p6_card = _p6b_card(results_dir / "p6.json", version)
+    if p6_card:
+        card["p6b"] = p6_card
+    training = payload.get("training") or {}
+    if training.get("data"):  # v2 weights name the collections they were trained on, with counts
+        card["training_data"] = training["data"]
+    from jointface.engines import default_engine_decision
+
+    card["default_engine"] = default_engine_decision(card)
     out = weights.with_suffix(".json")
     out.write_text(json.dumps(card, indent=2, default=str) + "\n")
     return out
+
+
+def _p6b_card(path: Path, version: str) -> dict | None:
+    """P6b recall per face width for the shipped weights and dlib, from ``p6.json`` of these weights."""
+    if not path.exists():
+        return None
+    p6 = json.loads(path.read_text())
+    if p6.get("engines", {}).get("jointface", {}).get("version") != version:
+        return None
+    recall = {}
+    for engine in ("jointface", "dlib"):
+        sweep = (p6.get("figures", {}).get(engine) or {}).get("p6b") or {}
+        recall[engine] = {str(size): figures.get("recall") for size, figures in
+                          (sweep.get("by_size") or sweep).items() if isinstance(figures, dict)}
+    return {"recall": recall["jointface"], "dlib_recall": recall["dlib"]}

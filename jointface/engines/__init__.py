@@ -80,18 +80,39 @@ def available_engines() -> list[str]:
     return sorted(_FACTORIES)
 
 
-#: The joint network becomes the default engine only when its weights identify
-#: at least this share of P1 test faces (nearest training embedding, as
-#: enrol/search use it); weaker weights stay available with --engine jointface.
-DEFAULT_ENGINE_MIN_P1_ACCURACY = 0.90
+#: The joint network becomes the default engine only when its weights card shows (issue 15's rule) P2
+#: TPIR at FPIR 0.01 within this many points of dlib's in the same run, and P6b recall at least dlib's at
+#: every face width from 48 px; weaker weights stay available with --engine jointface.
+DEFAULT_ENGINE_MAX_TPIR_GAP = 0.05
+DEFAULT_ENGINE_MIN_FACE = 48
+
+
+def default_engine_decision(card: dict) -> dict:
+    """Which engine a weights card makes the default, and why (the rule above)."""
+    p2, p6b = card.get("p2") or {}, card.get("p6b") or {}
+    tpir, dlib_tpir = p2.get("tpir@fpir=0.01"), p2.get("dlib_tpir@fpir=0.01")
+    if tpir is None or dlib_tpir is None:
+        return {"engine": "dlib", "reason": "no P2 comparison with dlib on the card"}
+    if tpir < dlib_tpir - DEFAULT_ENGINE_MAX_TPIR_GAP:
+        return {"engine": "dlib", "reason": f"P2 TPIR at FPIR 0.01 {tpir:.3f} is more than "
+                                            f"{DEFAULT_ENGINE_MAX_TPIR_GAP:.2f} below dlib's {dlib_tpir:.3f}"}
+    recall, dlib_recall = p6b.get("recall") or {}, p6b.get("dlib_recall") or {}
+    sizes = [size for size in dlib_recall if int(size) >= DEFAULT_ENGINE_MIN_FACE]
+    if not sizes:
+        return {"engine": "dlib", "reason": "no P6b comparison with dlib on the card"}
+    short = [size for size in sizes if (recall.get(size) or 0.0) < dlib_recall[size]]
+    if short:
+        return {"engine": "dlib", "reason": f"P6b recall below dlib's at {', '.join(short)} px"}
+    return {"engine": "jointface", "reason": f"P2 TPIR at FPIR 0.01 within {DEFAULT_ENGINE_MAX_TPIR_GAP:.2f} of "
+                                             f"dlib's and P6b recall at least dlib's from {DEFAULT_ENGINE_MIN_FACE} px"}
 
 
 def default_engine_name() -> str:
     """``jointface`` when its weights are present and good enough, else ``dlib``.
 
     Weights named by ``$JOINTFACE_WEIGHTS`` are the user's explicit choice.
-    Shipped weights carry a sidecar ``jointface.json`` with their measured P1
-    accuracy; below :data:`DEFAULT_ENGINE_MIN_P1_ACCURACY` the default stays dlib.
+    Shipped weights carry a sidecar ``jointface.json`` with their measured
+    figures; :func:`default_engine_decision` reads it.
     """
     import json
     import os
@@ -106,10 +127,10 @@ def default_engine_name() -> str:
     if os.environ.get(WEIGHTS_ENV):
         return "jointface"
     try:
-        accuracy = json.loads(path.with_suffix(".json").read_text())["p1"]["top1_nearest_train"]
-    except (OSError, ValueError, KeyError, TypeError):
+        card = json.loads(path.with_suffix(".json").read_text())
+        return default_engine_decision(card)["engine"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return "dlib"
-    return "jointface" if accuracy >= DEFAULT_ENGINE_MIN_P1_ACCURACY else "dlib"
 
 
 #: Engines that accept other weights: ``jointface@PATH`` runs the joint network with the weights file at PATH.
