@@ -17,6 +17,7 @@ import os
 import threading
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -184,3 +185,15 @@ def resize_shorter_side(image: np.ndarray, shorter: int) -> np.ndarray:
         return image
     new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return np.asarray(Image.fromarray(image).resize(new_size, Image.Resampling.BILINEAR))
+
+
+def mosaic(tiles: Sequence[np.ndarray], tile: int = 320) -> np.ndarray:
+    """A 2x2 mosaic of four images, each centre-cropped / padded to ``tile`` x ``tile``."""
+    canvas = np.zeros((2 * tile, 2 * tile, 3), dtype=np.uint8)
+    for index, image in enumerate(tiles[:4]):
+        height, width = image.shape[:2]
+        top, left = max(0, (height - tile) // 2), max(0, (width - tile) // 2)
+        crop = image[top:top + tile, left:left + tile]
+        row, col = divmod(index, 2)
+        canvas[row * tile:row * tile + crop.shape[0], col * tile:col * tile + crop.shape[1]] = crop
+    return canvas

@@ -352,11 +352,11 @@ def calibrate(gallery: Gallery, engine: Engine, paths: Sequence[Path], *, fpir: 
     ``paths`` are photos of people who are NOT in the gallery; every face in
     them is a non-mated probe. The threshold is the smallest similarity at
     which the share of those faces whose best gallery match reaches it is at
-    most ``fpir`` (see :func:`jointface.bench.metrics.threshold_for_fpir`).
+    most ``fpir`` (see :func:`jointface.calibration.threshold_for_fpir`).
     """
     from datetime import datetime, timezone
 
-    from jointface.bench.metrics import fpir_at_threshold, threshold_for_fpir
+    from jointface.calibration import fpir_at_threshold, threshold_for_fpir
 
     if not 0 < fpir < 1:
         raise ValueError(f"--fpir must be between 0 and 1, got {fpir}")

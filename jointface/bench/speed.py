@@ -27,7 +27,7 @@ import numpy as np
 from index import Gallery
 from jointface.engines import Engine, get_engine
 from jointface.engines.joint_engine import JointEngine
-from jointface.imageio import load_image
+from jointface.imageio import load_image, mosaic
 from jointface.service import enroll, identify
 
 from .cache import CachingEngine
@@ -35,18 +35,6 @@ from .protocols import p1_split, p2_split
 
 ROUNDS = 4
 BATCH = 8
-
-
-def mosaic(tiles: Sequence[np.ndarray], tile: int = 320) -> np.ndarray:
-    """A 2x2 mosaic of four images, each centre-cropped / padded to ``tile`` x ``tile``."""
-    canvas = np.zeros((2 * tile, 2 * tile, 3), dtype=np.uint8)
-    for index, image in enumerate(tiles[:4]):
-        height, width = image.shape[:2]
-        top, left = max(0, (height - tile) // 2), max(0, (width - tile) // 2)
-        crop = image[top:top + tile, left:left + tile]
-        row, col = divmod(index, 2)
-        canvas[row * tile:row * tile + crop.shape[0], col * tile:col * tile + crop.shape[1]] = crop
-    return canvas
 
 
 def _enrol_p2_gallery(home: Path, engine: Engine, lfw_root: Path, cache_dir: Path, limit: int | None) -> None:

@@ -407,8 +407,7 @@ def quantize_weights(weights: str | os.PathLike | None, photos: Sequence[str | o
     training photos, never test ones. Unreadable photos are skipped and counted.
     Returns a summary (path, weights version, photos used, skipped, bytes).
     """
-    from jointface.bench.speed import mosaic
-    from jointface.imageio import ImageLoadError, load_image, resize_shorter_side
+    from jointface.imageio import ImageLoadError, load_image, mosaic, resize_shorter_side
 
     from .onnx_runtime import int8_model_path, quantize_int8
 
