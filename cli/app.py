@@ -467,6 +467,9 @@ def bench(
     cache_dir: Optional[Path] = typer.Option(None, "--cache", help="Detection cache (default: "
                                                                    "~/.cache/jointface/bench)."),
     tag: Optional[str] = typer.Option(None, "--tag", help="Suffix for the result file names."),
+    seed_dlib: Optional[Path] = typer.Option(None, "--seed-dlib", help="Every-face LFW labels (`preprocess "
+                                                                       "--all-faces`): fill the dlib engine's "
+                                                                       "detection cache from them first."),
 ) -> None:
     """Run the benchmark protocols and write JSON, Markdown and plots."""
     from jointface.bench import run as bench_run
@@ -492,6 +495,16 @@ def bench(
     names = engines or _benchmark_engines()
     chosen = [get_engine(name) for name in names]
     cache = cache_dir or Path.home() / ".cache" / "jointface" / "bench"
+    if seed_dlib is not None:
+        from jointface.bench.cache import seed_dlib_cache
+
+        if not seed_dlib.is_file():
+            raise CliError(f"{seed_dlib}: no such labels file")
+        with progress_bar("seeding the dlib cache") as progress:
+            task = progress.add_task("seeding the dlib cache", total=None, current="")
+            counts = seed_dlib_cache(seed_dlib, cache, get_engine("dlib"),
+                                     progress=lambda done, total: progress.update(task, completed=done, total=total))
+        err.print(f"dlib cache seeded from {seed_dlib}: {counts}", markup=False)
     with progress_bar("bench") as progress:
         tasks: dict[str, int] = {}
 

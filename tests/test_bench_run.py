@@ -144,3 +144,30 @@ def test_benchmark_outputs_do_not_mark_a_run_as_uncommitted():
     assert _uncommitted({"git_dirty": True, "git_changed": changed}) == (
         " (uncommitted changes: jointface/engines/joint_engine.py, jointface/new.py, jointface/weights/jointface.pt)")
     assert _uncommitted({"git_dirty": True, "git_changed": changed + ["a.py"]}).endswith("and 1 more)")
+
+
+def test_dlib_cache_seeded_from_teacher_labels_answers_like_dlib(tmp_path, lfw_dir, dlib_engine):
+    import shutil
+
+    from jointface.bench.cache import CachingEngine, seed_dlib_cache
+    from jointface.datasets.teacher import label_collection
+    from jointface.imageio import load_image
+
+    root = tmp_path / "lfw"
+    for person in ("Aaron_Peirsol", "Abdullah_Gul"):
+        shutil.copytree(lfw_dir / person, root / person)
+    labels = tmp_path / "lfw.jsonl"
+    label_collection(root, "lfw", labels, workers=1, limit=3, progress=False)
+    counts = seed_dlib_cache(labels, tmp_path / "cache", dlib_engine)
+    assert counts["photos"] == 3
+    cached = CachingEngine(dlib_engine, tmp_path / "cache")
+    try:
+        for path in sorted(root.glob("*/*.jpg"))[:3]:
+            image = load_image(path)
+            seeded, fresh = cached.detect(image), dlib_engine.detect(image)
+            assert [f.box for f in seeded] == [f.box for f in fresh]
+            for a, b in zip(seeded, fresh):
+                assert abs(a.score - b.score) < 1e-3 and float(np.dot(a.embedding, b.embedding)) > 0.99999
+        assert cached.hits == 3 and cached.misses == 0
+    finally:
+        cached.close()

@@ -98,3 +98,43 @@ class CachingEngine(Engine):
 
     def close(self) -> None:
         self.cache.close()
+
+
+def seed_dlib_cache(labels_path: Path, cache_dir: Path, engine: Engine, progress=None) -> dict:
+    """Fill ``engine``'s (dlib, HOG at upsample 1) detection cache from every-face teacher labels.
+
+    ``jointface preprocess --all-faces`` already ran dlib's HOG detector and
+    descriptor on every photo of a collection: each photo labelled by HOG gives
+    exactly the faces the dlib engine would (boxes, scores, descriptors, in the
+    same order), so P2 and P3 need not compute them again. Photos where HOG
+    found nothing (the labels fell back to the CNN detector) are cached with no
+    face, as the HOG engine would answer. Returns counts.
+    """
+    from jointface.datasets.teacher import manifest_path, read_face_labels
+    from jointface.imageio import load_image
+
+    if engine.name != "dlib" or engine.describe().get("detector") != "hog" or engine.describe().get("upsample") != 1:
+        raise ValueError("teacher labels hold dlib HOG (upsample 1) detections: seed the plain dlib engine only")
+    labels_path = Path(labels_path)
+    root = Path(json.loads(manifest_path(labels_path).read_text())["root"])
+    cached = CachingEngine(engine, cache_dir)
+    counts = {"photos": 0, "faces": 0, "without_hog_face": 0}
+    try:
+        records = [r for r in read_face_labels(labels_path) if r["status"] in ("ok", "no_face")]
+        for index, record in enumerate(records, 1):
+            image = load_image(root / record["path"])
+            faces = record["faces"] if record.get("detector") == "hog" else []
+            meta = [{"box": face["box"], "score": face["score"]} for face in faces]
+            data = None
+            if faces:
+                teachers = np.asarray([face["teacher"] for face in faces], dtype=np.float32)
+                data = teachers / np.maximum(np.linalg.norm(teachers, axis=1, keepdims=True), 1e-12)
+            cached.cache.put(image_key(image), meta, data)
+            counts["photos"] += 1
+            counts["faces"] += len(faces)
+            counts["without_hog_face"] += not faces
+            if progress is not None:
+                progress(index, len(records))
+    finally:
+        cached.close()
+    return counts
