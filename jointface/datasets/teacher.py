@@ -9,8 +9,8 @@ For each photo, one JSON line (``faces.jsonl``)::
                 "teacher": [128 floats], "subject": bool}, ...]}
 
 * every face dlib's HOG detector finds (upsample 1); where it finds none, the
-  CNN (MMOD) detector (on a copy at most :data:`CNN_MAX_SIDE` px, boxes mapped
-  back, so a large photo does not take minutes);
+  CNN (MMOD) detector (both on a copy at most :data:`HOG_MAX_SIDE` px, boxes
+  mapped back, so a large photo does not take seconds);
 * each face's 68-landmark box (PROTOCOLS.md's reference box) and dlib's raw
   128-d descriptor (the distillation teacher);
 * ``subject``: the face that carries the photo's identity (nearest the centre,
@@ -38,7 +38,12 @@ from jointface.imageio import ImageLoadError, load_image
 
 from .collections import SUBJECT_RULE, SourceImage, read_layout
 
-CNN_MAX_SIDE = 800
+#: Detectors run on a copy of a large photo shrunk to this longer side (boxes mapped back; landmarks and
+#: descriptors use the full photo): HOG at upsample 1 on a 1600 x 1200 photo takes seconds, and its faces
+#: are large. Faces under about 40 px in such a photo are then missed. LFW, All-Age-Faces and UTKFace
+#: photos are smaller than this and see no change.
+HOG_MAX_SIDE = 640
+CNN_MAX_SIDE = 640
 TEACHER_DIM = 128
 
 
@@ -63,15 +68,19 @@ def find_faces(image: np.ndarray) -> tuple[str | None, list[tuple[list[float], f
     from jointface.engines import dlib_engine
 
     height, width = image.shape[:2]
-    found = dlib_engine.detect_rects(image, "hog", 1)
+
+    def shrunk(max_side: int) -> tuple[np.ndarray, float]:
+        if max(height, width) <= max_side:
+            return image, 1.0
+        scale = max(height, width) / max_side
+        return np.asarray(Image.fromarray(image).resize((round(width / scale), round(height / scale)),
+                                                        Image.Resampling.BILINEAR)), scale
+
+    small, scale = shrunk(HOG_MAX_SIDE)
+    found = dlib_engine.detect_rects(small, "hog", 1)
     if found:
-        return "hog", [(_rect_box(rect, width, height), score) for rect, score in found]
-    scale = 1.0
-    small = image
-    if max(height, width) > CNN_MAX_SIDE:
-        scale = max(height, width) / CNN_MAX_SIDE
-        small = np.asarray(Image.fromarray(image).resize((round(width / scale), round(height / scale)),
-                                                         Image.Resampling.BILINEAR))
+        return "hog", [(_rect_box(rect, width, height, scale), score) for rect, score in found]
+    small, scale = shrunk(CNN_MAX_SIDE)
     found = dlib_engine.detect_rects(small, "cnn", 1)
     if found:
         return "cnn", [(_rect_box(rect, width, height, scale), score) for rect, score in found]
