@@ -16,6 +16,11 @@ from jointface.net.v2 import (JointNetV2, ModelRecordV2, all_anchors, faces_from
 TINY_ANCHORS = [[[12.0, 12.0], [20.0, 20.0]], [[32.0, 32.0], [48.0, 48.0]], [[64.0, 64.0], [96.0, 96.0]]]
 
 
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
 def tiny_record(**changes) -> ModelRecordV2:
     values = dict(backbone="resnet_tiny", input_size=64, anchor_sizes=TINY_ANCHORS, fpn_channels=16,
                   identity_channels=16, embedding_dim=16, roi_size=4, class_names=["a", "b"])
@@ -140,6 +145,26 @@ def test_training_run_resumes_and_exports_weights_the_engine_runs(tmp_path, lfw_
     flipped = JointEngine(weights, conf_threshold=0.0, flip=True).detect(load_image(knn_dir / "test" / "obama1.jpg"))
     # flip changes embeddings, not the faces found (boxes equal up to float rounding: the batch is larger)
     assert np.allclose([f.box for f in flipped], [f.box for f in faces], atol=1e-2)
+
+    # the fast paths: the dense maps on ONNX Runtime (fp32, then int8), RoI read-out in torch
+    from jointface.engines.joint_engine import quantize_weights
+
+    photos = sorted((lfw_dir / "Abdullah_Gul").glob("*.jpg"))[:12]
+    summary = quantize_weights(weights, photos, count=12)
+    assert Path(summary["path"]).is_file()
+    image = load_image(knn_dir / "test" / "obama1.jpg")
+    reference = JointEngine(weights, conf_threshold=0.0, fuse=False, channels_last=False).detect(image)
+    for runtime in ("onnx", "int8", "auto"):
+        engine = JointEngine(weights, conf_threshold=0.0, runtime=runtime)
+        assert engine.runtime == ("int8" if runtime == "auto" else runtime)
+        found = engine.detect(image)
+        # an untrained tiny network scores its anchors nearly alike, so rounding may reorder them: compare the
+        # reference's best face with the face of this path that overlaps it most
+        target = np.array(reference[0].box)
+        ious = [_iou(np.array(f.box), target) for f in found]
+        twin = found[int(np.argmax(ious))]
+        assert max(ious) > 0.9
+        assert float(np.dot(twin.embedding, reference[0].embedding)) > 0.98
 
 
 def test_train_v2_command(tmp_path, lfw_dir, one_torch_thread):
