@@ -41,9 +41,10 @@ from .collections import SUBJECT_RULE, SourceImage, read_layout
 #: Detectors run on a copy of a large photo shrunk to this longer side (boxes mapped back; landmarks and
 #: descriptors use the full photo): HOG at upsample 1 on a 1600 x 1200 photo takes seconds, and its faces
 #: are large. Faces under about 40 px in such a photo are then missed. LFW, All-Age-Faces and UTKFace
-#: photos are smaller than this and see no change.
+#: photos are smaller than this and see no change. The CNN detector (the fallback where HOG finds no face)
+#: costs about ten times HOG's time, so it gets a smaller copy still.
 HOG_MAX_SIDE = 640
-CNN_MAX_SIDE = 640
+CNN_MAX_SIDE = 360
 TEACHER_DIM = 128
 
 
