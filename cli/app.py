@@ -111,9 +111,9 @@ def main_options(
     db_url: Optional[str] = typer.Option(None, "--db-url", help="SQLAlchemy database URL (default: SQLite in the "
                                                                 "home folder; $JOINTFACE_DB_URL)."),
     engine: Optional[str] = typer.Option(None, "--engine", help="Face engine: jointface or dlib (default: "
-                                                                "jointface when its shipped weights reach 90% "
-                                                                "P1 accuracy, else dlib); jointface@PATH runs "
-                                                                "other weights."),
+                                                                "jointface when its shipped weights' card shows "
+                                                                "it as good as dlib on P2 and P6, else dlib); "
+                                                                "jointface@PATH runs other weights."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for the network."),
     index_kind: Optional[str] = typer.Option(None, "--index-kind", help="Vector index: auto (exact search below "
                                                                         "100,000 faces, IVF above), flat, ivf or "
@@ -757,8 +757,45 @@ def _benchmark_engines() -> list[str]:
     return ["dlib", "jointface"] if default_engine_name() == "jointface" else ["dlib"]
 
 
+def hoist_global_options(argv: list[str]) -> list[str]:
+    """Move the global options a user typed after the command (``jointface search --engine dlib x.jpg``) in
+    front of it, where the group parses them; a command's own option of the same name (``bench -e``) stays."""
+    import click
+
+    group = typer.main.get_command(app)
+    global_params = {opt: param for param in group.params for opt in param.opts if opt.startswith("--")}
+
+    def span(position: int) -> int:  # how many tokens the global option at `position` takes
+        token = argv[position]
+        return 1 if "=" in token or global_params[token.split("=", 1)[0]].is_flag else 2
+
+    front, path, hoisted, rest = [], [], [], []
+    command, position = group, 0
+    while position < len(argv):
+        token = argv[position]
+        name = token.split("=", 1)[0]
+        if token == "--":
+            rest += argv[position:]
+            break
+        if not path and name in global_params:  # already in front of the command
+            front += argv[position:position + span(position)]
+            position += span(position)
+        elif isinstance(command, click.Group) and token in command.commands and not rest:
+            path.append(token)
+            command = command.commands[token]
+            position += 1
+        elif path and name in global_params and name != "--version" and \
+                name not in {opt for param in command.params for opt in getattr(param, "opts", [])}:
+            hoisted += argv[position:position + span(position)]
+            position += span(position)
+        else:
+            rest.append(token)
+            position += 1
+    return front + hoisted + path + rest
+
+
 def main() -> None:
-    app()
+    app(args=hoist_global_options(sys.argv[1:]), prog_name="jointface")
 
 
 if __name__ == "__main__":

@@ -183,3 +183,22 @@ def test_index_kind_option(run_cli, knn_home_copy, knn_dir):
     assert kept.returncode == 0 and VectorIndex.load(knn_home_copy / "index-dlib.jfidx").kind == "ivf"
     bad = run_cli("--index-kind", "bogus", "people", "list", home=knn_home_copy)
     assert bad.returncode == 2 and "bogus" in bad.stderr
+
+
+def test_global_options_after_the_command_are_hoisted():
+    from cli.app import hoist_global_options
+
+    assert hoist_global_options(["search", "--engine", "dlib", "x.jpg"]) == ["--engine", "dlib", "search", "x.jpg"]
+    assert hoist_global_options(["--home", "h", "people", "list", "--engine=dlib", "--json"]) == \
+        ["--home", "h", "--engine=dlib", "people", "list", "--json"]
+    # bench has an --engine of its own: it stays with bench
+    assert hoist_global_options(["bench", "p1", "--engine", "dlib", "--threads", "2"]) == \
+        ["--threads", "2", "bench", "p1", "--engine", "dlib"]
+    assert hoist_global_options(["search", "--", "--engine"]) == ["search", "--", "--engine"]
+    assert hoist_global_options(["--version"]) == ["--version"]
+
+
+def test_global_option_after_the_command_end_to_end(run_cli, knn_dir, tmp_path):
+    result = run_cli("search", "--engine", "dlib", "--json", knn_dir / "test" / "obama1.jpg", home=tmp_path / "h")
+    assert result.returncode == 0, result.stderr
+    assert "engine dlib" in result.stderr and len(json.loads(result.stdout)["faces"]) == 1
