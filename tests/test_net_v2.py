@@ -187,3 +187,17 @@ def test_train_v2_command(tmp_path, lfw_dir, one_torch_thread):
     assert bad.exit_code == 1 and "unknown config fields ['learning_rate']" in bad.output
     missing = runner.invoke(app, ["train-v2", str(tmp_path / "none.json")])
     assert missing.exit_code == 1 and "no such config file" in missing.output
+
+
+def test_a_second_run_on_one_folder_is_refused(tmp_path, lfw_dir, one_torch_thread):
+    from filelock import FileLock
+
+    from jointface.train.v2 import Run, TrainConfigV2
+
+    config = TrainConfigV2(labels=_labels(tmp_path, lfw_dir), out_dir=str(tmp_path / "run"), backbone="resnet_tiny",
+                           input_size=64, fpn_channels=16, identity_channels=16, embedding_dim=16, roi_size=4,
+                           batch_size=2, max_steps=1, validate_every=0, anchor_sample_images=20, progress=False)
+    run = Run(config)
+    with FileLock(str(tmp_path / "run" / "run.lock")):
+        with pytest.raises(RuntimeError, match="in use by another training run"):
+            run.run()

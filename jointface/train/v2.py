@@ -407,6 +407,19 @@ class Run:
         return metrics
 
     def run(self) -> dict:
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(self.out_dir / "run.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise RuntimeError(f"{self.out_dir} is in use by another training run; stop it first") from None
+        try:
+            return self._run()
+        finally:
+            lock.release()
+
+    def _run(self) -> dict:
         config = self.config
         started, last_log = time.monotonic(), time.monotonic()
         metrics: dict = {}
