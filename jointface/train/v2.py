@@ -87,6 +87,7 @@ class TrainConfigV2:
     validate_every: int = 500
     p2proxy_people: int = 300
     progress: bool = True
+    notes: str = ""                       # free text kept with the run (what this stage changed, and why)
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfigV2":
