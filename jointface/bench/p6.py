@@ -271,10 +271,11 @@ def run_p6a(engine: Engine, images: Sequence[AnnotatedImage], ctx: "BenchContext
             "false_per_photo": false / len(images) if images else float("nan"), "per_photo": per_photo}
 
 
-def run_p6b(engine: Engine, faces: Sequence[tuple[Path, Box]], ctx: "BenchContext") -> dict:
+def run_p6b(engine: Engine, faces: Sequence[tuple[Path, Box]], ctx: "BenchContext",
+            face_widths: Sequence[int] = P6B_FACE_WIDTHS) -> dict:
     by_width: dict[str, dict] = {}
     images = {}
-    for width in P6B_FACE_WIDTHS:
+    for width in face_widths:
         found = false = 0
         for count, (path, box) in enumerate(faces, 1):
             if path not in images:
