@@ -252,3 +252,29 @@ def test_markdown_and_plot_from_a_result(tmp_path):
     png = p6.plot_recall_by_face_width({"dlib": sweep}, tmp_path / "p6_scale.png")
     assert png.stat().st_size > 5000
     json.dumps(row)  # results are plain JSON
+
+
+def test_bench_p6_cli_on_a_small_data_folder(run_cli, shared_data, tmp_path):
+    """`jointface bench p6` end to end: LFW and dlib_faces as they are, one small photo per P6c folder."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("lfw", "dlib_faces"):
+        (data / name).symlink_to(shared_data / name)
+    small = {"knn_examples": "train/kit_harington/john2.jpeg", "caltech_faces_1999_half": "image_0001.jpg"}
+    for folder, photo in small.items():
+        (data / folder / photo).parent.mkdir(parents=True)
+        (data / folder / photo).symlink_to(shared_data / folder / photo)
+    out = tmp_path / "results"
+    result = run_cli("bench", "p6", "--engine", "dlib", "--limit", "1", "--out", out, "--cache", tmp_path / "cache",
+                     env={"JOINTFACE_SHARED_DATA": str(data)})
+    assert result.returncode == 0, result.stderr
+    data_json = json.loads((out / "p6.json").read_text())
+    assert data_json["protocol"] == "P6" and data_json["config"]["subset"] == 1
+    assert data_json["config"]["p6c"]["photos"] == {"knn_examples": 1, "caltech_faces_1999_half": 1}
+    figures = data_json["figures"]["dlib"]
+    assert figures["p6a"]["photos"] == 1 and figures["p6a"]["boxes"] == 7  # 2007_007763.jpg
+    assert set(figures["p6b"]) == {"24", "48", "96", "192", "384"}
+    assert all(row["faces"] == 1 for row in figures["p6b"].values())
+    assert figures["p6c"]["all"]["photos"] == 2 and figures["p6c"]["all"]["reference_faces"] >= 2
+    assert (out / "p6_scale.png").stat().st_size > 5000
+    assert (out / "p6.md").read_text().startswith("## P6") and "Subset run: 1" in (out / "p6.md").read_text()
