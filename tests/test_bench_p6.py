@@ -238,7 +238,9 @@ def test_markdown_and_plot_from_a_result(tmp_path):
     sweep = {str(s): {"recall": r, "false_per_image": f} for s, r, f in
              ((24, 0.015, 0.17), (48, 0.975, 0.1), (96, 0.95, 0.16), (192, 0.975, 0.15), (384, 0.99, 0.01))}
     row = {"p6a": {"recall": 1.0, "false_per_photo": 0.0}, "p6b": sweep,
-           "p6c": {"all": {"share_found": 0.8, "extra_per_photo": 0.25}}}
+           "p6c": {"all": {"share_found": 0.8, "extra_per_photo": 0.25},
+                   "knn_examples": {"share_found": 0.75, "extra_per_photo": 0.5},
+                   "caltech_faces_1999_half": {"share_found": 0.8125, "extra_per_photo": 0.125}}}
     config = {"p6a": {"boxes": 43, "photos": 9, "min_iou": 0.4},
               "p6b": {"face_widths": [24, 48, 96, 192, 384], "faces": 200, "canvas": 640, "min_iou": 0.5,
                       "no_reference_box": 0},
@@ -249,6 +251,7 @@ def test_markdown_and_plot_from_a_result(tmp_path):
     assert "| dlib | 1.000 | 0.00 | 0.800 | 0.25 |" in text
     assert "| dlib | 0.015 (0.17) | 0.975 (0.10) | 0.950 (0.16) | 0.975 (0.15) | 0.990 (0.01) |" in text
     assert "183 everyday photos" in text and "186 faces" in text
+    assert "| dlib | 0.750 | 0.50 | 0.812 | 0.12 |" in text and "caltech_faces_1999_half 169 photos, 170 CNN" in text
     png = p6.plot_recall_by_face_width({"dlib": sweep}, tmp_path / "p6_scale.png")
     assert png.stat().st_size > 5000
     json.dumps(row)  # results are plain JSON

@@ -419,6 +419,17 @@ def markdown_p6(result: dict) -> str:
              + (f" ({config['p6b']['no_reference_box']} images without a reference box left out)"
                 if config["p6b"]["no_reference_box"] else "") + ":\n\n"
              + plots.markdown_table(sweep, row_header="engine"))
+    folders = list(config["p6c"]["photos"])
+    by_folder = {name: {f"{folder}: {column}": row["p6c"][folder][key] for folder in folders
+                        for column, key in (("found", "share_found"), ("extra / photo", "extra_per_photo"))}
+                 for name, row in figures.items()}
+    text += ("\nP6c per folder: share of the CNN detector's faces found, and detections it does not have per "
+             "photo (" + ", ".join(f"{folder} {config['p6c']['photos'][folder]} photos, "
+                                   f"{config['p6c']['reference_faces'][folder]} CNN faces" for folder in folders)
+             + "):\n\n"
+             + plots.markdown_table(by_folder, row_header="engine",
+                                    formats={column: ("{:.3f}" if column.endswith("found") else "{:.2f}")
+                                             for row in by_folder.values() for column in row}))
     subset = config.get("subset")
     note = f"\nSubset run: {subset} (not the full protocol).\n" if subset else ""
     return text + note
