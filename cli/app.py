@@ -447,14 +447,14 @@ def calibrate(
                   f"(use at least {int(10 / fpir)})", markup=False)
 
 
-PROTOCOLS = ("p1", "p2", "p3", "p4", "p5", "all", "report")
+PROTOCOLS = ("p1", "p2", "p3", "p4", "p5", "p6", "all", "report")
 
 
 @app.command()
 @handle_errors
 def bench(
     ctx: typer.Context,
-    protocol: str = typer.Argument(..., help="p1, p2, p3, p4, p5 or all (see ../shared/PROTOCOLS.md); report "
+    protocol: str = typer.Argument(..., help="p1, p2, p3, p4, p5, p6 or all (see ../shared/PROTOCOLS.md); report "
                                              "rewrites the README's results section from the JSON files."),
     engines: Optional[list[str]] = typer.Option(None, "--engine", "-e", help="Engines to compare (repeat); "
                                                                              "default: every available one. "
@@ -517,7 +517,7 @@ def bench(
 
         ctx_ = bench_run.BenchContext(lfw_root=require_shared_data("lfw"), cache_dir=cache, progress=report,
                                       limit=limit)
-        wanted = ["p1", "p2", "p3", "p4", "p5"] if protocol == "all" else [protocol]
+        wanted = ["p1", "p2", "p3", "p4", "p5", "p6"] if protocol == "all" else [protocol]
         for name in wanted:
             result = bench_run.run_protocol(name, chosen, ctx_, out_dir)
             path = bench_run.write_results(result, chosen, out_dir, tag=tag)

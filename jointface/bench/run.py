@@ -128,7 +128,8 @@ def images_per_second(engine: Engine, images: Sequence[np.ndarray], repeats: int
 # -- P1 ------------------------------------------------------------------------------------
 
 
-def reference_boxes(paths: Sequence[Path], ctx: BenchContext, loader) -> list[tuple | None]:
+def reference_boxes(paths: Sequence[Path], ctx: BenchContext, loader,
+                    stage: str = "P1 reference boxes") -> list[tuple | None]:
     """PROTOCOLS.md landmark boxes (dlib), cached."""
     from jointface.engines.dlib_engine import models_fingerprint, reference_box
 
@@ -146,7 +147,7 @@ def reference_boxes(paths: Sequence[Path], ctx: BenchContext, loader) -> list[tu
                 box = cached[0]
             boxes.append(tuple(box) if box is not None else None)
             if count % 50 == 0 or count == len(paths):
-                ctx.progress("P1 reference boxes", count, len(paths))
+                ctx.progress(stage, count, len(paths))
     finally:
         cache.close()
     return boxes
@@ -413,6 +414,10 @@ def markdown_for(result: dict) -> str:
         from .gallery_speed import markdown_p5
 
         return markdown_p5(result)
+    elif protocol == "P6":
+        from .p6 import markdown_p6
+
+        return markdown_p6(result)
     else:
         columns, formats = None, {}
     table = plots.markdown_table(figures, columns=columns, formats=formats, row_header="engine")
@@ -496,14 +501,18 @@ def caching(engines: Sequence[Engine], cache_dir: Path) -> list[Engine]:
 
 
 def run_protocol(name: str, engines: Sequence[Engine], ctx: BenchContext, out_dir: Path) -> dict:
-    """Run one protocol (``p1`` ... ``p5``) over ``engines``."""
-    if name in ("p1", "p2", "p3"):
+    """Run one protocol (``p1`` ... ``p6``) over ``engines``."""
+    if name in ("p1", "p2", "p3", "p6"):
         cached = caching(engines, ctx.cache_dir)
         try:
             if name == "p1":
                 return run_p1(cached, ctx)
             if name == "p2":
                 return run_p2(cached, ctx, out_dir)
+            if name == "p6":
+                from .p6 import run_p6
+
+                return run_p6(cached, ctx, out_dir)
             return run_p3(cached, ctx)
         finally:
             for engine in cached:
