@@ -421,6 +421,16 @@ class Run:
             lock.release()
 
     def _run(self) -> dict:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            # `kill` (SIGTERM) stops a background run as Ctrl-C does: checkpoint first. (A job started in the
+            # background by a shell without job control ignores SIGINT.)
+            def stop(signum, frame):
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGTERM, stop)
         config = self.config
         started, last_log = time.monotonic(), time.monotonic()
         metrics: dict = {}
