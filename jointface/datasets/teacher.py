@@ -229,6 +229,17 @@ def _label_locked(root: Path, layout: str, out_path: Path, sources: list[SourceI
 
     newly = 0
     write_manifest(interrupted=True)  # names the collection from the start; rewritten when the run ends
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        # `kill` (SIGTERM) stops a run as Ctrl-C does: the manifest is written, finished photos are kept
+        def stop(signum, frame):
+            raise KeyboardInterrupt
+
+        previous_handler = signal.signal(signal.SIGTERM, stop)
+    else:
+        previous_handler = None
     columns = (TextColumn("labelling {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 and len(jobs) > 1 else None
     try:
@@ -247,4 +258,6 @@ def _label_locked(root: Path, layout: str, out_path: Path, sources: list[SourceI
         if pool is not None:
             pool.terminate()
             pool.join()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
     return write_manifest(interrupted=False)
