@@ -447,14 +447,14 @@ def calibrate(
                   f"(use at least {int(10 / fpir)})", markup=False)
 
 
-PROTOCOLS = ("p1", "p2", "p3", "p4", "p5", "all", "report")
+PROTOCOLS = ("p1", "p2", "p3", "p4", "p5", "cluster", "all", "report")
 
 
 @app.command()
 @handle_errors
 def bench(
     ctx: typer.Context,
-    protocol: str = typer.Argument(..., help="p1, p2, p3, p4, p5 or all (see ../shared/PROTOCOLS.md); report "
+    protocol: str = typer.Argument(..., help="p1, p2, p3, p4, p5, cluster or all (see ../shared/PROTOCOLS.md); report "
                                              "rewrites the README's results section from the JSON files."),
     engines: Optional[list[str]] = typer.Option(None, "--engine", "-e", help="Engines to compare (repeat); "
                                                                              "default: every available one. "
@@ -678,6 +678,11 @@ def _benchmark_engines() -> list[str]:
     from jointface.engines import default_engine_name
 
     return ["dlib", "jointface"] if default_engine_name() == "jointface" else ["dlib"]
+
+
+from cli.cluster import register as _register_cluster  # noqa: E402  (`cluster` and `clusters`)
+
+_register_cluster(app)
 
 
 def main() -> None:
