@@ -413,6 +413,10 @@ def markdown_for(result: dict) -> str:
         from .gallery_speed import markdown_p5
 
         return markdown_p5(result)
+    elif protocol == "CLUSTER":
+        from .cluster import markdown_cluster
+
+        return markdown_cluster(result)
     else:
         columns, formats = None, {}
     table = plots.markdown_table(figures, columns=columns, formats=formats, row_header="engine")
@@ -496,10 +500,14 @@ def caching(engines: Sequence[Engine], cache_dir: Path) -> list[Engine]:
 
 
 def run_protocol(name: str, engines: Sequence[Engine], ctx: BenchContext, out_dir: Path) -> dict:
-    """Run one protocol (``p1`` ... ``p5``) over ``engines``."""
-    if name in ("p1", "p2", "p3"):
+    """Run one protocol (``p1`` ... ``p5``, ``cluster``) over ``engines``."""
+    if name in ("p1", "p2", "p3", "cluster"):
         cached = caching(engines, ctx.cache_dir)
         try:
+            if name == "cluster":
+                from .cluster import run_cluster
+
+                return run_cluster(cached, ctx, out_dir)
             if name == "p1":
                 return run_p1(cached, ctx)
             if name == "p2":
