@@ -224,8 +224,8 @@ def scan(gallery: Gallery, engine: Engine, paths: Iterable[Path], *, batch_size:
         known_paths = {path: (size, mtime, sha) for path, size, mtime, sha in session.execute(
             select(LibraryPhoto.path, LibraryPhoto.size_bytes, LibraryPhoto.mtime_ns, LibraryPhoto.sha256)
             .where(LibraryPhoto.engine == engine.name, LibraryPhoto.engine_version == engine.version))}
-        known_shas = {sha: photo_id for sha, photo_id in session.execute(
-            select(LibraryPhoto.sha256, LibraryPhoto.id)
+        known_shas = {sha: (photo_id, path) for sha, photo_id, path in session.execute(
+            select(LibraryPhoto.sha256, LibraryPhoto.id, LibraryPhoto.path)
             .where(LibraryPhoto.engine == engine.name, LibraryPhoto.engine_version == engine.version))}
     queued: list[tuple[ScanOutcome, np.ndarray, float, tuple[int, int], str, tuple[int, int]]] = []
     moved: list[tuple[int, str, int, int]] = []
@@ -271,9 +271,12 @@ def scan(gallery: Gallery, engine: Engine, paths: Iterable[Path], *, batch_size:
             sha = file_sha256(resolved)
             if sha in known_shas:
                 outcome.status = "seen"
-                if known_shas[sha] is not None:
-                    moved.append((known_shas[sha], str(resolved), size, mtime))
-                    known_paths[str(resolved)] = (size, mtime, sha)
+                recorded_photo = known_shas[sha]
+                if recorded_photo is not None and (recorded_photo[1] == str(resolved)
+                                                   or not Path(recorded_photo[1]).exists()):
+                    # moved (or touched): remember where it is now; a copy elsewhere leaves the record alone
+                    moved.append((recorded_photo[0], str(resolved), size, mtime))
+                    known_shas[sha] = (recorded_photo[0], str(resolved))
                 finish(outcome)
                 continue
             if loader is not None:
