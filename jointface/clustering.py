@@ -50,6 +50,7 @@ DEFAULT_METHOD = "chinese-whispers"
 DEFAULT_THRESHOLDS = {"dlib": 0.93, "dlib-cnn": 0.93, "jointface": 0.80, "jointface-flip": 0.80}
 #: HDBSCAN's ``min_samples`` (its threshold-free method has this one knob besides the cluster size).
 HDBSCAN_MIN_SAMPLES = 1
+HDBSCAN_BRUTE_UP_TO = 8000
 #: ``split`` links faces this much more strictly than the default (a share of the way to 1).
 SPLIT_STRICTER = 0.35
 #: Neighbours per face in the similarity graph (Chinese whispers).
@@ -167,8 +168,11 @@ def cluster_embeddings(vectors: np.ndarray, *, method: str = DEFAULT_METHOD, thr
             return np.full(n, -1, np.int64)
         from sklearn.cluster import HDBSCAN
 
+        # brute force (all distances at once) is several times faster than trees at 128-512 dimensions; it
+        # holds n x n float64 distances, so large libraries use the trees
         labels = HDBSCAN(min_cluster_size=max(2, min_faces), min_samples=max(1, min(min_samples, n - 1)),
-                         metric="euclidean", copy=True).fit_predict(vectors)
+                         metric="euclidean", algorithm="brute" if n <= HDBSCAN_BRUTE_UP_TO else "auto",
+                         copy=True).fit_predict(vectors)
     labels = np.asarray(labels, dtype=np.int64)
     if min_faces > 1:
         groups, counts = np.unique(labels[labels >= 0], return_counts=True)

@@ -40,7 +40,7 @@ from .protocols import LabelledImage, p2_split
 #: How many one-image people (sorted by name) join the clustered images.
 SINGLETONS = 1000
 #: Cosine similarity thresholds swept for Chinese whispers and DBSCAN.
-THRESHOLDS = tuple(round(float(t), 2) for t in np.arange(0.50, 0.995, 0.01))
+THRESHOLDS = tuple(round(float(t), 2) for t in np.arange(0.40, 0.995, 0.01))
 #: HDBSCAN's min_samples values swept (min_cluster_size is 2).
 HDBSCAN_MIN_SAMPLES = (1, 2, 3, 5, 8)
 #: Photos in the uncached speed sample.
