@@ -47,7 +47,7 @@ METHODS = ("chinese-whispers", "dbscan", "hdbscan")
 DEFAULT_METHOD = "chinese-whispers"
 #: Cosine similarity at which two faces are linked, per engine family: where pairwise F1 peaked in
 #: ``jointface bench cluster`` (benchmarks/results/cluster.json). Other engines use their search threshold.
-DEFAULT_THRESHOLDS = {"dlib": 0.93, "dlib-cnn": 0.93, "jointface": 0.80, "jointface-flip": 0.80}
+DEFAULT_THRESHOLDS = {"dlib": 0.93, "dlib-cnn": 0.93, "jointface": 0.60, "jointface-flip": 0.60}
 #: HDBSCAN's ``min_samples`` (its threshold-free method has this one knob besides the cluster size).
 HDBSCAN_MIN_SAMPLES = 1
 HDBSCAN_BRUTE_UP_TO = 8000

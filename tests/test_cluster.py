@@ -344,21 +344,22 @@ def test_deleted_photo_and_bad_inputs_give_clear_messages(library, run_cli, tmp_
     assert (broken / "jointface.db").read_bytes() == b"garbage" * 100
 
 
-def test_bench_cluster_quick_run(tmp_path, lfw_dir):
-    """A 3-person subset of `jointface bench cluster` with the joint engine: figures, sweep, plot, table."""
+def test_bench_cluster_quick_run(tmp_path, lfw_dir, dlib_engine):
+    """A 3-person subset of `jointface bench cluster` (dlib): figures, sweep, plot, contact sheet, table."""
     from jointface.bench.run import BenchContext, markdown_for, run_protocol
-    from jointface.engines import get_engine
 
     ctx = BenchContext(lfw_root=lfw_dir, cache_dir=tmp_path / "cache", limit=3)
-    result = run_protocol("cluster", [get_engine("jointface")], ctx, tmp_path / "out")
-    row = result["figures"]["jointface"]
+    result = run_protocol("cluster", [dlib_engine], ctx, tmp_path / "out")
+    row = result["figures"]["dlib"]
     assert row["true_people_with_2_or_more"] == 3 and row["true_people"] == 6
     assert row["scored_images"] + row["no_face"] == row["images"] and row["faces"] >= row["scored_images"]
     assert 0 <= row["pairwise_f1"] <= 1 and 0 <= row["bcubed_f1"] <= 1
     # the library run at its defaults is the sweep's point at the default threshold: the same faces, the same code
-    sweep = {value["parameter"]: value for value in result["sweeps"]["jointface"][row["method"]]}
+    assert row["clusters"] == 3 and row["pairwise_f1"] == 1.0  # three people, each in a cluster of their own
+    sweep = {value["parameter"]: value for value in result["sweeps"]["dlib"][row["method"]]}
     assert sweep[row["threshold"]]["pairwise_f1"] == pytest.approx(row["pairwise_f1"])
     assert sweep[row["threshold"]]["clusters"] == row["clusters"]
     assert (tmp_path / "out" / "cluster_f1.png").stat().st_size > 10_000
+    assert Image.open(tmp_path / "out" / "cluster_sheet_dlib.png").size[0] >= 4 * 112
     assert row["speed"]["photos"] == row["images"] and row["speed"]["faces_per_second"] > 0
     assert "## Cluster" in markdown_for(result) and "Subset run: 3" in markdown_for(result)

@@ -198,7 +198,8 @@ def _speed(engine, images: Sequence[LabelledImage]) -> dict:
 def run_cluster(engines: Sequence, ctx, out_dir: Path | None = None) -> dict:
     """The cluster benchmark over ``engines`` (already wrapped in the detection cache)."""
     from index import Gallery
-    from jointface.clustering import DEFAULT_METHOD, default_threshold, recluster, scan
+    from jointface.clustering import (DEFAULT_METHOD, cluster_detail, default_threshold, list_clusters, recluster,
+                                      scan, write_contact_sheet)
     from jointface.imageio import load_image
     from jointface.service import file_sha256
 
@@ -216,6 +217,7 @@ def run_cluster(engines: Sequence, ctx, out_dir: Path | None = None) -> dict:
     ideal_unclustered = (true_people - people_multi) / len(images)
     figures: dict[str, dict] = {}
     sweeps: dict[str, dict] = {}
+    sheets: dict[str, str] = {}
     for engine in engines:
         with tempfile.TemporaryDirectory(prefix="jointface-cluster-") as home, Gallery.open(home) as gallery:
             done = [0]
@@ -231,6 +233,12 @@ def run_cluster(engines: Sequence, ctx, out_dir: Path | None = None) -> dict:
             summary = recluster(gallery, engine.name, engine.version, match_threshold=None)
             clustered = time.perf_counter()
             by_photo, vectors, rows = _library_faces(gallery, engine)
+            if out_dir is not None:  # what a user sees: the contact sheet of the largest cluster
+                largest = list_clusters(gallery, engine.name)
+                if largest:
+                    sheet = Path(out_dir) / f"cluster_sheet_{engine.name}.png"
+                    write_contact_sheet(cluster_detail(gallery, largest[0].id), sheet)
+                    sheets[engine.name] = str(sheet)
         subject = _subject_positions(images, shas, by_photo, rows)
         scored = [i for i, position in enumerate(subject) if position is not None]
         truth = [truth_all[i] for i in scored]
@@ -256,7 +264,8 @@ def run_cluster(engines: Sequence, ctx, out_dir: Path | None = None) -> dict:
                          "hdbscan_min_samples": list(HDBSCAN_MIN_SAMPLES), "speed_photos": SPEED_PHOTOS,
                          "subset": ctx.limit}}
     if out_dir is not None:
-        result["plots"] = {"f1": str(plot_sweeps(sweeps, figures, Path(out_dir) / "cluster_f1.png"))}
+        result["plots"] = {"f1": str(plot_sweeps(sweeps, figures, Path(out_dir) / "cluster_f1.png")),
+                           **{f"largest cluster, {name}": path for name, path in sheets.items()}}
     return result
 
 
