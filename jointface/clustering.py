@@ -42,11 +42,13 @@ from .service import detect_grouped, file_sha256, resolve_threshold
 
 OPEN, NAMED, IGNORED = "open", "named", "ignored"
 
-#: Grouping methods (``--method``). Chosen by measurement: see ``jointface bench cluster`` in the README.
+#: Grouping methods (``--method``). Chosen by measurement: ``jointface bench cluster`` (README); on its
+#: 151-image subset run Chinese whispers tied DBSCAN for dlib and led for the joint engine, HDBSCAN trailed.
 METHODS = ("chinese-whispers", "dbscan", "hdbscan")
 DEFAULT_METHOD = "chinese-whispers"
-#: Cosine similarity at which two faces are linked, per engine family: where pairwise F1 peaked in
-#: ``jointface bench cluster`` (benchmarks/results/cluster.json). Other engines use their search threshold.
+#: Cosine similarity at which two faces are linked, per engine family, from the sweep of
+#: ``jointface bench cluster`` (benchmarks/results/cluster-subset40.json: dlib peaked at 0.93, the joint
+#: engine at 0.58, 0.60 within a point of it). Rerun the full benchmark to revisit them.
 DEFAULT_THRESHOLDS = {"dlib": 0.93, "dlib-cnn": 0.93, "jointface": 0.60, "jointface-flip": 0.60}
 #: HDBSCAN's ``min_samples`` (its threshold-free method has this one knob besides the cluster size).
 HDBSCAN_MIN_SAMPLES = 1
