@@ -94,6 +94,7 @@ def cluster(
                                "run the same command again to go on", markup=False)
                 raise typer.Exit(130)
         chosen = matching_threshold(gallery, engine)
+        base.err.print(f"grouping the library's faces ({engine.name}) ...", markup=False)
         summary = recluster(gallery, engine.name, engine.version, method=method, threshold=threshold,
                             min_faces=min_faces, match_threshold=chosen.value)
     result = {"engine": engine.name, "photos": len(paths), "scanned": report.count("scanned"),
