@@ -447,14 +447,14 @@ def calibrate(
                   f"(use at least {int(10 / fpir)})", markup=False)
 
 
-PROTOCOLS = ("p1", "p2", "p3", "p4", "p5", "p6", "all", "report")
+PROTOCOLS = ("p1", "p2", "p3", "p4", "p5", "p6", "cluster", "all", "report")
 
 
 @app.command()
 @handle_errors
 def bench(
     ctx: typer.Context,
-    protocol: str = typer.Argument(..., help="p1, p2, p3, p4, p5, p6 or all (see ../shared/PROTOCOLS.md); report "
+    protocol: str = typer.Argument(..., help="p1, p2, p3, p4, p5, p6, cluster or all (see ../shared/PROTOCOLS.md); report "
                                              "rewrites the README's results section from the JSON files."),
     engines: Optional[list[str]] = typer.Option(None, "--engine", "-e", help="Engines to compare (repeat); "
                                                                              "default: every available one. "
@@ -792,6 +792,11 @@ def hoist_global_options(argv: list[str]) -> list[str]:
             rest.append(token)
             position += 1
     return front + hoisted + path + rest
+
+
+from cli.cluster import register as _register_cluster  # noqa: E402  (`cluster` and `clusters`)
+
+_register_cluster(app)
 
 
 def main() -> None:

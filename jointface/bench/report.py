@@ -12,7 +12,7 @@ from pathlib import Path
 from .run import markdown_for
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-ORDER = ("p1", "p2", "p3", "p4", "p5", "p6")
+ORDER = ("p1", "p2", "p3", "p4", "p5", "p6", "cluster")
 
 
 def _uncommitted(env: dict) -> str:

@@ -418,6 +418,10 @@ def markdown_for(result: dict) -> str:
         from .p6 import markdown_p6
 
         return markdown_p6(result)
+    elif protocol == "CLUSTER":
+        from .cluster import markdown_cluster
+
+        return markdown_cluster(result)
     else:
         columns, formats = None, {}
     table = plots.markdown_table(figures, columns=columns, formats=formats, row_header="engine")
@@ -501,10 +505,14 @@ def caching(engines: Sequence[Engine], cache_dir: Path) -> list[Engine]:
 
 
 def run_protocol(name: str, engines: Sequence[Engine], ctx: BenchContext, out_dir: Path) -> dict:
-    """Run one protocol (``p1`` ... ``p6``) over ``engines``."""
-    if name in ("p1", "p2", "p3", "p6"):
+    """Run one protocol (``p1`` ... ``p6``, ``cluster``) over ``engines``."""
+    if name in ("p1", "p2", "p3", "p6", "cluster"):
         cached = caching(engines, ctx.cache_dir)
         try:
+            if name == "cluster":
+                from .cluster import run_cluster
+
+                return run_cluster(cached, ctx, out_dir)
             if name == "p1":
                 return run_p1(cached, ctx)
             if name == "p2":
