@@ -85,3 +85,14 @@ class GalleryState(Base):
     threshold_info: Mapped[dict] = mapped_column(JSON, default=dict, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow,
                                                  nullable=False)
+
+
+class GallerySetting(Base):
+    """Gallery-wide settings (revision 0005): ``vector_backend`` (``{"name": ..., "uri": ...}``), ``gallery_id``."""
+
+    __tablename__ = "gallery_settings"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[dict] = mapped_column(JSON, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow,
+                                                 nullable=False)

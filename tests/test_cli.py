@@ -8,6 +8,7 @@ import sqlite3
 from typer.testing import CliRunner
 
 from cli.app import app
+from index.store import head_revision
 
 
 def test_full_session(run_cli, knn_dir, tmp_path):
@@ -61,7 +62,7 @@ def test_full_session(run_cli, knn_dir, tmp_path):
     assert run_cli("--engine", "dlib", "index", "check", home=home).returncode == 0
 
     upgrade = run_cli("db", "upgrade", home=home)
-    assert upgrade.returncode == 0 and "0002" in upgrade.stdout
+    assert upgrade.returncode == 0 and head_revision() in upgrade.stdout
     backup = tmp_path / "backup.db"
     assert run_cli("db", "backup", backup, home=home).returncode == 0
     assert run_cli("people", "remove", "obama", home=home).returncode == 0
@@ -132,7 +133,7 @@ def test_old_database_upgraded_by_command(run_cli, tmp_path):
     result = run_cli("db", "upgrade", home=home)
     assert result.returncode == 0
     with sqlite3.connect(home / "jointface.db") as raw:
-        assert raw.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0002"
+        assert raw.execute("SELECT version_num FROM alembic_version").fetchone()[0] == head_revision()
 
 
 def test_in_process_runner(tmp_path):
