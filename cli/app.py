@@ -75,7 +75,7 @@ def open_gallery(ctx: typer.Context, *, upgrade: bool = True):
     config = settings(ctx)
     return Gallery.open(config.home, config.db_url, notify=lambda message: err.print(f"note: {message}",
                                                                                       markup=False),
-                        upgrade=upgrade, index_kind=config.index_kind)
+                        upgrade=upgrade, index_kind=config.index_kind, vectors=config.vectors)
 
 
 def load_engine(ctx: typer.Context):
@@ -118,6 +118,11 @@ def main_options(
     index_kind: Optional[str] = typer.Option(None, "--index-kind", help="Vector index: auto (exact search below "
                                                                         "100,000 faces, IVF above), flat, ivf or "
                                                                         "hnsw ($JOINTFACE_INDEX_KIND)."),
+    vectors: Optional[str] = typer.Option(None, "--vectors", help="Vector backend: faiss (default), pgvector "
+                                                                  "(needs a PostgreSQL --db-url), milvus (Milvus "
+                                                                  "Lite in the home folder), milvus:FILE.db or "
+                                                                  "milvus:http://HOST:19530; recorded in the "
+                                                                  "gallery ($JOINTFACE_VECTORS)."),
     version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
@@ -129,7 +134,16 @@ def main_options(
     if index_kind is not None and index_kind not in INDEX_KINDS:
         raise typer.BadParameter(f"unknown index kind {index_kind!r}; choose one of {', '.join(INDEX_KINDS)}",
                                  param_hint="--index-kind")
-    ctx.obj = Settings.resolve(home=home, db_url=db_url, engine=engine, threads=threads, index_kind=index_kind)
+    if vectors is not None:
+        from index.backends import parse_backend
+        from index.errors import GalleryError
+
+        try:
+            parse_backend(vectors)
+        except GalleryError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--vectors")
+    ctx.obj = Settings.resolve(home=home, db_url=db_url, engine=engine, threads=threads, index_kind=index_kind,
+                               vectors=vectors)
 
 
 # -- enroll ------------------------------------------------------------------------------------
