@@ -23,6 +23,7 @@ rebuild, never a face.
 from __future__ import annotations
 
 import contextlib
+import logging
 import uuid
 
 import numpy as np
@@ -59,6 +60,8 @@ class MilvusBackend(VectorBackend):
         super().__init__(gallery)
         try:
             from pymilvus import MilvusClient
+            # pymilvus logs every failed call with a traceback on stderr; JointFace reports the error itself.
+            logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
         except ImportError as exc:
             raise GalleryError("the milvus backend needs pymilvus (and milvus-lite for a local file): "
                                'pip install -e ".[scale]"') from exc
@@ -77,6 +80,7 @@ class MilvusBackend(VectorBackend):
         self.prefix = f"jf_{gallery_id['id'][:12]}"
         self.state_collection = f"{self.prefix}_state"
         self._in_step: dict[str, tuple[int, str]] = {}  # engine -> (generation, collection) known to mirror the db
+        self._loaded: set[str] = set()
         self._ensure_state_collection()
 
     def close(self) -> None:
@@ -100,6 +104,7 @@ class MilvusBackend(VectorBackend):
 
         with _wrap("opening the gallery's state collection"):
             if self.client.has_collection(self.state_collection):
+                self._load(self.state_collection)
                 return
             schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
@@ -122,6 +127,15 @@ class MilvusBackend(VectorBackend):
         index.add_index(field_name="v", index_type="HNSW", metric_type="IP",
                         params={"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION})
         self.client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong")
+
+    def _load(self, name: str) -> None:
+        """Collections come back released in a new process (Milvus Lite) or after a release: load once."""
+        if name in self._loaded:
+            return
+        state = self.client.get_load_state(name).get("state")
+        if "Loaded" not in str(state):
+            self.client.load_collection(name)
+        self._loaded.add(name)
 
     def _state(self, engine: str) -> tuple[int, str] | None:
         with _wrap("reading the gallery's state"):
@@ -185,6 +199,8 @@ class MilvusBackend(VectorBackend):
             return "belonged to another engine version"
         if state[0] != generation:
             return f"was out of date (generation {state[0]}, database {generation})"
+        with _wrap("loading a collection"):
+            self._load(name)
         if deep:
             _, (db_count, *_rest) = self.gallery._db_summary(engine, version)
             with _wrap("counting vectors"):
@@ -203,7 +219,9 @@ class MilvusBackend(VectorBackend):
                 self.client.drop_collection(previous[1])
             if self.client.has_collection(name):
                 self.client.drop_collection(name)
+            self._loaded.discard(name)
             self._create_collection(name, dim)
+            self._loaded.add(name)
             self._insert(name, ids, vectors)
             self._set_state(engine, generation, name)
         return len(ids)
@@ -270,6 +288,7 @@ class MilvusBackend(VectorBackend):
                 if not self.client.has_collection(state[1]):
                     problems.append(f"Milvus collection {state[1]} is missing")
                 else:
+                    self._load(state[1])
                     ids = []
                     iterator = self.client.query_iterator(state[1], batch_size=10_000, filter="",
                                                           output_fields=["id"])
