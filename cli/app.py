@@ -608,10 +608,15 @@ def train(
                                                                               "with a fresh schedule."),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast."),
     export: Optional[Path] = typer.Option(None, "--export", help="Also copy the final weights here."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Data-parallel training processes on this machine "
+                                                        "(torch.distributed: gloo on CPU, nccl on GPU); the "
+                                                        "global batch stays the config's."),
 ) -> None:
     """Train the joint detection + identification network (resumes from --out)."""
+    import os
     import shlex
     import shutil
+    import subprocess
 
     from jointface.train.config import TrainConfig
     from jointface.train.loop import train as run_training
@@ -628,6 +633,13 @@ def train(
         raise typer.BadParameter("--data and --out (or a --config that sets data_dir and out_dir) are required")
     if not Path(config.data_dir, "train.jsonl").is_file():
         raise CliError(f"{config.data_dir} has no train.jsonl: run `jointface organize` first")
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from jointface.train.distributed import launch_command
+
+        if config.batch_size % nproc:
+            raise CliError(f"a batch of {config.batch_size} photos cannot be split over {nproc} processes: make "
+                           "people_per_batch x images_per_person a multiple of --nproc")
+        raise typer.Exit(subprocess.call(launch_command(nproc, sys.argv[1:])))
     config = config.replace(training_command="jointface " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                             progress=err.is_terminal)
     try:

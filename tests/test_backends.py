@@ -187,3 +187,21 @@ def test_bad_backend_choices_are_clear_errors(tmp_path, pg_url):
         Gallery.open(tmp_path / "d", pg_url, vectors="milvus:http://127.0.0.1:9")
     with Gallery.open(tmp_path / "d", pg_url) as gallery:  # still pgvector, still ada
         assert gallery.backend.name == "pgvector" and top(gallery, 1) == ["ada"]
+
+
+def test_p5_per_backend_tiny(tmp_path, pg_url):
+    """The P5-per-backend harness end to end on 600 faces (figures are not asserted, only produced)."""
+    from jointface.bench.backend_speed import markdown, run
+
+    result = run(sizes=(600,), db_url=pg_url, cache_dir=tmp_path, log=lambda message: None, latency_queries=20,
+                 enrol=(50, 2))
+    figures = result["figures"]
+    assert set(figures) == {"600 faiss", "600 pgvector", "600 milvus"}
+    for name, row in figures.items():
+        assert row["consistent_after_enrol"], name
+        assert 0.9 <= row["recall@1"] <= 1.0 and 0.9 <= row["recall@10"] <= 1.0, (name, row)
+        for key in ("build_s", "latency_p50_ms", "latency_p99_ms", "enrol_faces_per_s", "reopen_s"):
+            assert row[key] > 0, (name, key)
+    assert figures["600 pgvector"]["database"] == "postgresql" and figures["600 faiss"]["database"] == "sqlite"
+    text = markdown(result)
+    assert text.startswith("## P5 per vector backend") and "| 600 milvus |" in text
