@@ -20,6 +20,13 @@ the kind of the index on disk, and the next rebuild (``rebuild_index``, or
 a repair) decides again. An explicit kind is always used, and an index file
 of another kind is rebuilt.
 
+Vector backends (:mod:`index.backends`): the rules above are the FAISS
+backend's (the default). With ``pgvector`` the vectors are written in the
+database transaction itself, so rules 2-3 have nothing to repair; with
+``milvus`` they hold with the generation stored in Milvus. The gallery
+calls its backend at the same points (before and inside the transaction,
+after the commit) whichever it is.
+
 Opening is cheap for a big gallery: the first use of an index compares the
 database's generation and a fingerprint of its face ids (count, min, max and
 sum, one SQL aggregate) with the index file, whose checksum is verified as

@@ -78,7 +78,8 @@ def test_two_processes_follow_one_process_and_resume(organised, tmp_path):  # no
 
 
 def _linear_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      GLOO_SOCKET_IFNAME="lo")
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     context = DistContext(rank, world)
     _train_linear(context, out if rank == 0 else None)

@@ -77,6 +77,10 @@ def setup(device_name: str) -> tuple[DistContext, str]:
         device_name = f"cuda:{context.local_rank}"
     elif device_name == "auto":
         device_name = "cpu"
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", context.world_size))
+    if not use_cuda and local_world == context.world_size:
+        # All processes on this machine: keep gloo's traffic on the loopback interface.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if not torch_dist.is_initialized():
         torch_dist.init_process_group("nccl" if use_cuda else "gloo")
     return context, device_name
