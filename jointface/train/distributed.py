@@ -190,6 +190,22 @@ def mean_losses(losses: dict[str, float], context: DistContext) -> dict[str, flo
     return dict(zip(names, values.tolist()))
 
 
+def check_in_sync(modules, context: DistContext) -> float | None:
+    """Largest difference between the ranks' parameter checksums (0.0: every rank holds the same weights);
+    rank 0 prints it. ``None`` in one process."""
+    if not context.enabled:
+        return None
+    sums = torch.stack([torch.stack([p.detach().double().sum() for p in module.parameters()]).sum()
+                        for module in modules])
+    gathered = [torch.zeros_like(sums) for _ in range(context.world_size)]
+    torch_dist.all_gather(gathered, sums)
+    spread = float((torch.stack(gathered).max(0).values - torch.stack(gathered).min(0).values).max())
+    if context.is_main:
+        print(f"ranks in sync: largest parameter checksum difference over {context.world_size} processes "
+              f"{spread:.3g}", flush=True)
+    return spread
+
+
 def barrier(context: DistContext) -> None:
     if context.enabled:
         torch_dist.barrier()

@@ -482,7 +482,8 @@ def train(config: TrainConfig) -> TrainResult:
                 checkpoint_now(epoch + 1, 0)
             else:
                 checkpoint_now(epoch, step_in_epoch)
-    if step_in_epoch != 0 and config.validate and not metrics and context.is_main:  # stopped mid-epoch (max_steps) before any validation
+    # stopped mid-epoch (max_steps) before any validation
+    if step_in_epoch != 0 and config.validate and not metrics and context.is_main:
         metrics = evaluate(model, heads, gallery_set, test_set, device, config.conf_threshold, config.bf16)
         epochs_log.write({"epoch": round(epoch + step_in_epoch / len(sampler), 3), "step": step, **metrics})
     if epochs_log.rows() or steps_log.rows():
@@ -490,6 +491,7 @@ def train(config: TrainConfig) -> TrainResult:
     weights_path = out_dir / "jointface.pt"
     if context.is_main:
         export_weights(checkpoint_path, weights_path)
+    distributed.check_in_sync([model, heads], context)
     distributed.cleanup(context)
     return TrainResult(out_dir=out_dir, checkpoint=checkpoint_path, weights=weights_path, step=step,
                        epoch=epoch, last_losses=last_losses, metrics=metrics)
