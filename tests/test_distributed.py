@@ -31,8 +31,11 @@ def losses(run_dir) -> dict[int, float]:
 
 def train_cli(tmp_path, data_dir, out_dir, nproc: int, max_steps: int) -> subprocess.CompletedProcess:
     # No mosaics: every photo holds one face, so each rank's per-face means average to the global mean.
+    # All steps inside the linear warm-up: the learning rate of a step does not depend on max_steps, so a run
+    # stopped by max_steps=4 and resumed to 8 follows the same schedule as a straight run to 8 (the cosine
+    # part's length is taken from the first run's max_steps, in one process too).
     config = tiny_config(people_per_batch=4, images_per_person=2, max_steps=max_steps, validate=False,
-                         warmup_steps=2, epochs=4, mosaic_probability=0.0)
+                         warmup_steps=2 * STEPS, epochs=4, mosaic_probability=0.0)
     path = tmp_path / f"config-{out_dir.name}-{max_steps}.json"
     config.save(path)
     command = [sys.executable, "-m", "cli.app", "--threads", "1", "train", "--config", str(path),
