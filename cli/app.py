@@ -75,7 +75,7 @@ def open_gallery(ctx: typer.Context, *, upgrade: bool = True):
     config = settings(ctx)
     return Gallery.open(config.home, config.db_url, notify=lambda message: err.print(f"note: {message}",
                                                                                       markup=False),
-                        upgrade=upgrade, index_kind=config.index_kind)
+                        upgrade=upgrade, index_kind=config.index_kind, vectors=config.vectors)
 
 
 def load_engine(ctx: typer.Context):
@@ -118,6 +118,11 @@ def main_options(
     index_kind: Optional[str] = typer.Option(None, "--index-kind", help="Vector index: auto (exact search below "
                                                                         "100,000 faces, IVF above), flat, ivf or "
                                                                         "hnsw ($JOINTFACE_INDEX_KIND)."),
+    vectors: Optional[str] = typer.Option(None, "--vectors", help="Vector backend: faiss (default), pgvector "
+                                                                  "(needs a PostgreSQL --db-url), milvus (Milvus "
+                                                                  "Lite in the home folder), milvus:FILE.db or "
+                                                                  "milvus:http://HOST:19530; recorded in the "
+                                                                  "gallery ($JOINTFACE_VECTORS)."),
     version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
@@ -129,7 +134,16 @@ def main_options(
     if index_kind is not None and index_kind not in INDEX_KINDS:
         raise typer.BadParameter(f"unknown index kind {index_kind!r}; choose one of {', '.join(INDEX_KINDS)}",
                                  param_hint="--index-kind")
-    ctx.obj = Settings.resolve(home=home, db_url=db_url, engine=engine, threads=threads, index_kind=index_kind)
+    if vectors is not None:
+        from index.backends import parse_backend
+        from index.errors import GalleryError
+
+        try:
+            parse_backend(vectors)
+        except GalleryError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--vectors")
+    ctx.obj = Settings.resolve(home=home, db_url=db_url, engine=engine, threads=threads, index_kind=index_kind,
+                               vectors=vectors)
 
 
 # -- enroll ------------------------------------------------------------------------------------
@@ -637,10 +651,15 @@ def train(
                                                                               "with a fresh schedule."),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast."),
     export: Optional[Path] = typer.Option(None, "--export", help="Also copy the final weights here."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Data-parallel training processes on this machine "
+                                                        "(torch.distributed: gloo on CPU, nccl on GPU); the "
+                                                        "global batch stays the config's."),
 ) -> None:
     """Train the joint detection + identification network (resumes from --out)."""
+    import os
     import shlex
     import shutil
+    import subprocess
 
     from jointface.train.config import TrainConfig
     from jointface.train.loop import train as run_training
@@ -657,6 +676,13 @@ def train(
         raise typer.BadParameter("--data and --out (or a --config that sets data_dir and out_dir) are required")
     if not Path(config.data_dir, "train.jsonl").is_file():
         raise CliError(f"{config.data_dir} has no train.jsonl: run `jointface organize` first")
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from jointface.train.distributed import launch_command
+
+        if config.batch_size % nproc:
+            raise CliError(f"a batch of {config.batch_size} photos cannot be split over {nproc} processes: make "
+                           "people_per_batch x images_per_person a multiple of --nproc")
+        raise typer.Exit(subprocess.call(launch_command(nproc, sys.argv[1:])))
     config = config.replace(training_command="jointface " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                             progress=err.is_terminal)
     try:

@@ -1,4 +1,5 @@
-"""The gallery: an SQLite identity store (source of truth) and FAISS vector indexes that mirror it."""
+"""The gallery: an identity store (SQLite or PostgreSQL: the source of truth) and the vectors that mirror it
+(FAISS files by default; pgvector or Milvus: :mod:`index.backends`)."""
 
 from .errors import GalleryError, IndexCorruptError, PersonExistsError, PersonNotFoundError, StoreError
 from .gallery import Gallery, SearchHit

@@ -20,6 +20,13 @@ the kind of the index on disk, and the next rebuild (``rebuild_index``, or
 a repair) decides again. An explicit kind is always used, and an index file
 of another kind is rebuilt.
 
+Vector backends (:mod:`index.backends`): the rules above are the FAISS
+backend's (the default). With ``pgvector`` the vectors are written in the
+database transaction itself, so rules 2-3 have nothing to repair; with
+``milvus`` they hold with the generation stored in Milvus. The gallery
+calls its backend at the same points (before and inside the transaction,
+after the commit) whichever it is.
+
 Opening is cheap for a big gallery: the first use of an index compares the
 database's generation and a fingerprint of its face ids (count, min, max and
 sum, one SQL aggregate) with the index file, whose checksum is verified as
@@ -39,8 +46,9 @@ import numpy as np
 from filelock import FileLock, Timeout
 from sqlalchemy import delete, func, select
 
+from .backends import BackendSpec, VectorBackend, make_backend, parse_backend
 from .errors import GalleryError, IndexCorruptError, PersonExistsError, PersonNotFoundError, StoreError
-from .models import FaceRow, GalleryState, Person
+from .models import FaceRow, GallerySetting, GalleryState, Person
 from .store import IdentityStore, sqlite_path
 from .vectors import AUTO_APPROXIMATE_FROM, INDEX_KINDS, VectorIndex, resolve_kind
 
@@ -101,18 +109,25 @@ class Gallery:
         self._notify = notify or (lambda message: None)
         self._lock = FileLock(str(self.home / "gallery.lock"), timeout=LOCK_TIMEOUT_S)
         self._indexes: dict[str, VectorIndex] = {}
+        self.backend: VectorBackend = make_backend(self, BackendSpec("faiss"))
 
     # -- opening ----------------------------------------------------------------------------
 
     @classmethod
     def open(cls, home: str | os.PathLike, db_url: str | None = None, *, notify=None, index_kind: str = "auto",
-             approximate_from: int = AUTO_APPROXIMATE_FROM, upgrade: bool = True) -> "Gallery":
+             approximate_from: int = AUTO_APPROXIMATE_FROM, upgrade: bool = True,
+             vectors: str | None = None) -> "Gallery":
         """Open (creating if needed) the gallery in ``home``.
 
         ``index_kind``: ``auto`` (exact below ``approximate_from`` faces,
         approximate above, decided at each rebuild), or ``flat``, ``ivf``,
         ``hnsw`` (see :mod:`index.vectors`).
+
+        ``vectors``: the vector backend (:mod:`index.backends`): ``faiss``,
+        ``pgvector``, ``milvus`` or ``milvus:URI``; ``None`` keeps the one
+        recorded in the database (FAISS when none is).
         """
+        requested = parse_backend(vectors) if vectors else None
         home = Path(home).expanduser()
         try:
             home.mkdir(parents=True, exist_ok=True)
@@ -132,11 +147,49 @@ class Gallery:
         except GalleryError:
             store.close()
             raise
+        try:
+            gallery._choose_backend(requested)
+        except BaseException:
+            gallery.close()
+            raise
         gallery._remove_stale_temporaries()
         return gallery
 
+    def _choose_backend(self, requested: BackendSpec | None) -> None:
+        """Use the requested backend (recording it) or the recorded one (FAISS when none is)."""
+        recorded = BackendSpec.from_setting(self.setting("vector_backend"))
+        spec = requested or recorded
+        if spec.name != "faiss":
+            self.backend = make_backend(self, spec)
+        if requested is not None and requested != recorded:
+            with self.locked():
+                self.set_setting("vector_backend", requested.as_setting())
+            if self.engines_in_store():
+                self._notify(f"vectors of this gallery move from {recorded} to {requested}: rebuilt from the "
+                             "database on first use")
+
+    def setting(self, key: str):
+        """A gallery-wide setting (``gallery_settings``), ``None`` when unset or the schema predates it."""
+        try:
+            with self.store.session() as session:
+                row = session.get(GallerySetting, key)
+                return None if row is None else row.value
+        except Exception:  # an old schema opened without upgrade: no settings table
+            return None
+
+    def set_setting(self, key: str, value) -> None:
+        with self.store.session() as session:
+            row = session.get(GallerySetting, key)
+            if row is None:
+                session.add(GallerySetting(key=key, value=value))
+            else:
+                row.value = value
+
     def close(self) -> None:
         self._indexes.clear()
+        backend = getattr(self, "backend", None)
+        if backend is not None:
+            backend.close()
         self.store.close()
 
     def __enter__(self) -> "Gallery":
@@ -294,6 +347,9 @@ class Gallery:
         return index
 
     def check_index(self, engine_name: str, engine_version: str) -> IndexReport:
+        return self.backend.check(engine_name, engine_version)
+
+    def _check_faiss_index(self, engine_name: str, engine_version: str) -> IndexReport:
         generation, db_ids = self._db_state(engine_name, engine_version)
         problems: list[str] = []
         index_faces = index_generation = None
@@ -322,10 +378,7 @@ class Gallery:
                            tuple(problems))
 
     def rebuild_index(self, engine_name: str, engine_version: str, dim: int) -> int:
-        with self.locked():
-            index = self._rebuild(engine_name, engine_version, dim, None)
-        self._indexes[engine_name] = index
-        return len(index)
+        return self.backend.rebuild(engine_name, engine_version, dim)
 
     def engines_in_store(self) -> list[str]:
         with self.store.session() as session:
@@ -343,7 +396,7 @@ class Gallery:
         if not faces:
             return []
         with self.locked():
-            index = self._index_to_change(engine_name, engine_version, dim)
+            token = self.backend.begin_add(engine_name, engine_version, dim)
             results: list[int | None] = []
             added_ids: list[int] = []
             added_vectors: list[np.ndarray] = []
@@ -389,16 +442,14 @@ class Gallery:
                     for position, row in zip(slots, rows):
                         results[position] = row.id
                     added_ids = [row.id for row in rows]
-                generation = self.store.bump_generation(session, engine_name) if added_ids else index.generation
+                    self.backend.add_in_transaction(session, engine_name, engine_version, dim,
+                                                    np.array(added_ids, dtype=np.int64), np.stack(added_vectors))
+                generation = self.store.bump_generation(session, engine_name) if added_ids else None
             # Committed. Now the index; a crash from here on is repaired on next open.
-            if added_ids:
-                try:
-                    index.add(np.array(added_ids, dtype=np.int64), np.stack(added_vectors))
-                    self._save_index(index, generation)
-                except BaseException:
-                    self._indexes.pop(engine_name, None)  # the file is behind: reload (or rebuild) next time
-                    raise
-            self._indexes[engine_name] = index
+            self.backend.add_after_commit(token, engine_name, engine_version, dim,
+                                          np.array(added_ids, dtype=np.int64),
+                                          np.stack(added_vectors) if added_vectors else np.zeros((0, dim), np.float32),
+                                          generation)
         return results
 
     def _index_to_change(self, engine_name: str, engine_version: str, dim: int) -> VectorIndex:
@@ -445,7 +496,7 @@ class Gallery:
                 session.execute(delete(FaceRow).where(FaceRow.person_id == person.id))
                 session.delete(person)
                 generations = {engine: self.store.bump_generation(session, engine) for engine in by_engine}
-            self._after_delete(by_engine, generations)
+            self.backend.delete_after_commit(by_engine, generations)
         return sum(len(ids) for ids in by_engine.values())
 
     def rename_person(self, old: str, new: str) -> None:
@@ -485,7 +536,7 @@ class Gallery:
                 engines = set(self._face_ids_by_engine(session, dst.id)) | set(dropped)
                 generations = {engine: self.store.bump_generation(session, engine) for engine in engines}
             # Vectors of moved faces keep their ids: only dropped duplicates leave the index.
-            self._after_delete({engine: dropped.get(engine, []) for engine in engines}, generations)
+            self.backend.delete_after_commit({engine: dropped.get(engine, []) for engine in engines}, generations)
         return moved
 
     def set_threshold(self, engine_name: str, threshold: float, info: dict) -> None:
@@ -537,9 +588,7 @@ class Gallery:
         queries = np.asarray(queries, dtype=np.float32).reshape(-1, dim)
         if len(queries) == 0:
             return []
-        index = self.vectors(engine_name, engine_version, dim)
-        fetch = min(max(top_k * 8, 32), max(len(index), 1))
-        sims, ids = index.search(queries, fetch)
+        sims, ids = self.backend.search(engine_name, engine_version, dim, queries, max(top_k * 8, 32))
         wanted = {int(i) for i in ids.ravel() if i >= 0}
         names: dict[int, str] = {}
         if wanted:
@@ -567,8 +616,13 @@ class Gallery:
     def backup(self, destination: Path) -> None:
         """Online backup of a SQLite database (consistent while others write)."""
         source = sqlite_path(self.store.url)
+        if source is None and self.store.engine.dialect.name == "postgresql":
+            from . import pg_tools
+
+            pg_tools.backup(self.store.url, destination)
+            return
         if source is None:
-            raise GalleryError("backup works on SQLite databases only; use your database's own tools")
+            raise GalleryError("backup works on SQLite and PostgreSQL databases only; use your database's own tools")
         destination = Path(destination)
         if destination.exists():
             raise GalleryError(f"{destination} already exists; choose a new file name")
@@ -585,8 +639,20 @@ class Gallery:
     def restore(self, backup_file: Path) -> None:
         """Replace the database with a backup (checked first); indexes are rebuilt after."""
         target = sqlite_path(self.store.url)
+        if target is None and self.store.engine.dialect.name == "postgresql":
+            from . import pg_tools
+
+            pg_tools.check_backup(backup_file)
+            with self.locked():
+                self.store.close()
+                try:
+                    pg_tools.restore(self.store.url, backup_file)
+                finally:
+                    self.backend.forget()
+                    self.store = IdentityStore.open(self.store.url)
+            return
         if target is None:
-            raise GalleryError("restore works on SQLite databases only")
+            raise GalleryError("restore works on SQLite and PostgreSQL databases only")
         backup_file = Path(backup_file)
         if not backup_file.is_file():
             raise GalleryError(f"{backup_file}: no such backup file")
@@ -609,9 +675,7 @@ class Gallery:
             with contextlib.closing(sqlite3.connect(backup_file)) as src, \
                     contextlib.closing(sqlite3.connect(target)) as dst:
                 src.backup(dst)
-            for index_file in self.home.glob("index-*.jfidx"):
-                index_file.unlink()
-            self._indexes.clear()
+            self.backend.forget()
             self.store = IdentityStore.open(self.store.url)
 
 

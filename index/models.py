@@ -167,3 +167,14 @@ class LibraryFace(Base):
     @property
     def box(self) -> tuple[float, float, float, float]:
         return (self.box_x1, self.box_y1, self.box_x2, self.box_y2)
+
+
+class GallerySetting(Base):
+    """Gallery-wide settings (revision 0005): ``vector_backend`` (``{"name": ..., "uri": ...}``), ``gallery_id``."""
+
+    __tablename__ = "gallery_settings"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[dict] = mapped_column(JSON, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow,
+                                                 nullable=False)

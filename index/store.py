@@ -22,7 +22,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event, func, select, text
 from sqlalchemy.engine import Engine as SAEngine
-from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from migrations import MIGRATIONS_DIR
@@ -87,14 +88,21 @@ class IdentityStore:
 
     @classmethod
     def open(cls, url: str, *, upgrade: bool = True) -> "IdentityStore":
-        store = cls(url)
+        try:
+            store = cls(url)
+        except (ArgumentError, NoSuchModuleError) as exc:
+            raise StoreError(f"cannot use database URL {display_url(url)}: {exc} (examples: "
+                             "sqlite:////path/to/jointface.db, postgresql+psycopg://USER:PASSWORD@HOST/DB)") from exc
+        except ImportError as exc:
+            raise StoreError(f"the driver for {display_url(url)} is not installed ({exc.name}); for PostgreSQL: "
+                             'pip install -e ".[scale]"') from exc
         try:
             store._enable_wal()
             current = store.current_revision()
             if current != head_revision():
                 if not upgrade:
                     raise StoreError(
-                        f"database {url} is at schema revision {current or 'empty'}, expected {head_revision()}: "
+                        f"database {display_url(url)} is at schema revision {current or 'empty'}, expected {head_revision()}: "
                         "run `jointface db upgrade`"
                     )
                 store.upgrade()
@@ -103,7 +111,7 @@ class IdentityStore:
             raise
         except (DatabaseError, sqlite3.DatabaseError) as exc:
             store.close()
-            raise StoreError(f"cannot open database {url}: {_reason(exc)}") from exc
+            raise StoreError(f"cannot open database {display_url(url)}: {_reason(exc)}") from exc
         return store
 
     def _enable_wal(self) -> None:
@@ -136,7 +144,7 @@ class IdentityStore:
             session.commit()
         except OperationalError as exc:
             session.rollback()
-            raise StoreError(f"database {self.url}: {_reason(exc)}") from exc
+            raise StoreError(f"database {display_url(self.url)}: {_reason(exc)}") from exc
         except BaseException:
             session.rollback()
             raise
@@ -187,6 +195,14 @@ class IdentityStore:
             if orphans:
                 problems.append(f"{orphans} face rows without a person")
         return problems
+
+
+def display_url(url: str) -> str:
+    """The URL with its password masked, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
 
 
 def _reason(exc: BaseException) -> str:

@@ -25,10 +25,12 @@ class Settings:
     engine: str | None
     threads: int | None
     index_kind: str = "auto"
+    vectors: str | None = None  # vector backend (index.backends); None: the one the gallery records
 
     @classmethod
     def resolve(cls, home: str | os.PathLike | None = None, db_url: str | None = None, engine: str | None = None,
-                threads: int | None = None, index_kind: str | None = None) -> "Settings":
+                threads: int | None = None, index_kind: str | None = None,
+                vectors: str | None = None) -> "Settings":
         env = os.environ
         home_value = home or env.get("JOINTFACE_HOME")
         threads_value = threads if threads is not None else env.get("JOINTFACE_THREADS")
@@ -38,6 +40,7 @@ class Settings:
             engine=engine or env.get("JOINTFACE_ENGINE") or None,
             threads=int(threads_value) if threads_value not in (None, "") else None,
             index_kind=index_kind or env.get("JOINTFACE_INDEX_KIND") or "auto",
+            vectors=vectors or env.get("JOINTFACE_VECTORS") or None,
         )
 
     def engine_name(self) -> str:

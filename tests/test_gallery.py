@@ -19,9 +19,9 @@ def face(person: str, seed: int, sha: str | None = None) -> NewFace:
 
 
 @pytest.fixture
-def gallery(tmp_path):
+def gallery(tmp_path, db_url):
     notices: list[str] = []
-    with Gallery.open(tmp_path / "home", notify=notices.append) as opened:
+    with Gallery.open(tmp_path / "home", db_url, notify=notices.append) as opened:
         opened.notices = notices
         yield opened
 
@@ -75,23 +75,23 @@ def test_rebuilt_index_gives_same_results(gallery):
     assert gallery.search(*ENGINE, queries, top_k=3) == before
 
 
-def test_deleted_index_file_is_rebuilt_on_next_use(tmp_path):
+def test_deleted_index_file_is_rebuilt_on_next_use(tmp_path, db_url):
     home = tmp_path / "home"
-    with Gallery.open(home) as gallery:
+    with Gallery.open(home, db_url) as gallery:
         gallery.add_faces(*ENGINE, [face("ada", 1), face("bob", 2)])
         before = names(gallery, 1)
     (home / "index-test.jfidx").unlink()
     notices = []
-    with Gallery.open(home, notify=notices.append) as gallery:
+    with Gallery.open(home, db_url, notify=notices.append) as gallery:
         assert names(gallery, 1) == before
     assert any("missing" in n for n in notices)
     assert (home / "index-test.jfidx").exists()
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncate", "stale"])
-def test_damaged_or_stale_index_is_repaired(tmp_path, damage):
+def test_damaged_or_stale_index_is_repaired(tmp_path, damage, db_url):
     home = tmp_path / "home"
-    with Gallery.open(home) as gallery:
+    with Gallery.open(home, db_url) as gallery:
         gallery.add_faces(*ENGINE, [face("ada", 1)])
         path = gallery.index_path("test")
         old = path.read_bytes()
@@ -103,7 +103,7 @@ def test_damaged_or_stale_index_is_repaired(tmp_path, damage):
     else:
         path.write_bytes(old)  # an index from before bob: generation behind the database
     notices = []
-    with Gallery.open(home, notify=notices.append) as gallery:
+    with Gallery.open(home, db_url, notify=notices.append) as gallery:
         assert not gallery.check_index("test", "v1").healthy or damage == "none"
         assert sorted(names(gallery, 2)) == ["ada", "bob"]
         assert gallery.check_index("test", "v1").healthy
@@ -141,7 +141,7 @@ def test_backup_and_restore(tmp_path, gallery):
     assert [p.name for p in gallery.people()] == ["ada"]
 
 
-def test_read_only_home_is_a_clear_error(tmp_path):
+def test_read_only_home_is_a_clear_error(tmp_path, db_url):
     import os
 
     home = tmp_path / "ro"
@@ -153,9 +153,9 @@ def test_read_only_home_is_a_clear_error(tmp_path):
             blocker = tmp_path / "file"
             blocker.write_text("x")
             with pytest.raises(GalleryError, match="cannot create"):
-                Gallery.open(blocker / "home")
+                Gallery.open(blocker / "home", db_url)
         else:
             with pytest.raises(GalleryError, match="not writable"):
-                Gallery.open(home)
+                Gallery.open(home, db_url)
     finally:
         home.chmod(0o700)

@@ -93,10 +93,10 @@ def top_names(gallery: Gallery, queries: np.ndarray) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_gallery_deletion_for_every_kind_after_reopen_and_rebuild(tmp_path, gallery_data, kind):
+def test_gallery_deletion_for_every_kind_after_reopen_and_rebuild(tmp_path, gallery_data, kind, db_url):
     faces = gallery_data[0][:1500]
     home = tmp_path / "home"
-    with Gallery.open(home, index_kind=kind) as gallery:
+    with Gallery.open(home, db_url, index_kind=kind) as gallery:
         enrol_people(gallery, faces)
         assert gallery.vectors("t", "v1", DIM).kind == kind
         assert top_names(gallery, faces[:20]) == [f"person-{i}" for i in range(20)]
@@ -104,7 +104,7 @@ def test_gallery_deletion_for_every_kind_after_reopen_and_rebuild(tmp_path, gall
             gallery.remove_person(f"person-{i}")
         gone = {f"person-{i}" for i in range(10)}
         assert not gone & set(top_names(gallery, faces[:20]))
-    with Gallery.open(home, index_kind=kind) as gallery:  # the index file, loaded
+    with Gallery.open(home, db_url, index_kind=kind) as gallery:  # the index file, loaded
         assert not gone & set(top_names(gallery, faces[:20]))
         assert gallery.check_index("t", "v1").healthy
         gallery.rebuild_index("t", "v1", DIM)
@@ -113,7 +113,7 @@ def test_gallery_deletion_for_every_kind_after_reopen_and_rebuild(tmp_path, gall
         assert not gone & set(names) and names[10:] == [f"person-{i}" for i in range(10, 20)]
 
 
-def test_auto_is_exact_below_the_threshold_and_approximate_above(tmp_path, gallery_data):
+def test_auto_is_exact_below_the_threshold_and_approximate_above(tmp_path, gallery_data, db_url):
     assert resolve_kind("auto", 99_999) == "flat" and resolve_kind("auto", 100_000) == "ivf"
     assert resolve_kind("auto", 10, approximate_from=5) == "ivf" and resolve_kind("hnsw", 1) == "hnsw"
     with pytest.raises(ValueError):
@@ -121,7 +121,7 @@ def test_auto_is_exact_below_the_threshold_and_approximate_above(tmp_path, galle
     faces = gallery_data[0]
     home = tmp_path / "home"
     notices: list[str] = []
-    with Gallery.open(home, approximate_from=1000, notify=notices.append) as gallery:
+    with Gallery.open(home, db_url, approximate_from=1000, notify=notices.append) as gallery:
         assert gallery.index_kind == "auto"  # the default
         enrol_people(gallery, faces[:600])
         assert gallery.vectors("t", "v1", DIM).kind == "flat"
@@ -132,26 +132,26 @@ def test_auto_is_exact_below_the_threshold_and_approximate_above(tmp_path, galle
         enrol_people(gallery, faces[1020:1030], first=1020)
         assert gallery.vectors("t", "v1", DIM).kind == "ivf"
         assert top_names(gallery, faces[1025:1028]) == ["person-1025", "person-1026", "person-1027"]
-    with Gallery.open(home, approximate_from=1000) as gallery:
+    with Gallery.open(home, db_url, approximate_from=1000) as gallery:
         assert gallery.vectors("t", "v1", DIM).kind == "ivf"
         for i in range(40):
             gallery.remove_person(f"person-{i}")
         assert gallery.vectors("t", "v1", DIM).kind == "ivf"
     # A repair (here: a missing file) is a rebuild too: 990 faces are below the threshold again.
     (home / "index-t.jfidx").unlink()
-    with Gallery.open(home, approximate_from=1000, notify=notices.append) as gallery:
+    with Gallery.open(home, db_url, approximate_from=1000, notify=notices.append) as gallery:
         assert gallery.vectors("t", "v1", DIM).kind == "flat"
     assert any("flat index" in notice for notice in notices)
     # An explicit kind wins over the file's.
-    with Gallery.open(home, index_kind="ivf", notify=notices.append) as gallery:
+    with Gallery.open(home, db_url, index_kind="ivf", notify=notices.append) as gallery:
         assert gallery.vectors("t", "v1", DIM).kind == "ivf"
     assert "this gallery uses ivf" in notices[-1]
 
 
-def test_fast_open_check_catches_an_index_with_other_ids(tmp_path, gallery_data):
+def test_fast_open_check_catches_an_index_with_other_ids(tmp_path, gallery_data, db_url):
     """Same generation, different faces: the id fingerprint on open sees it (full lists in check_index)."""
     home = tmp_path / "home"
-    with Gallery.open(home) as gallery:
+    with Gallery.open(home, db_url) as gallery:
         enrol_people(gallery, gallery_data[0][:100])
     path = home / "index-t.jfidx"
     index = VectorIndex.load(path)
@@ -159,18 +159,18 @@ def test_fast_open_check_catches_an_index_with_other_ids(tmp_path, gallery_data)
     index.add(np.array([1_000]), gallery_data[0][5:6])
     index.save(path, generation=index.generation)
     notices: list[str] = []
-    with Gallery.open(home, notify=notices.append) as gallery:
+    with Gallery.open(home, db_url, notify=notices.append) as gallery:
         assert not gallery.check_index("t", "v1").healthy
         assert top_names(gallery, gallery_data[0][5:6]) == ["person-5"]
         assert gallery.check_index("t", "v1").healthy
     assert any("disagreed with the database" in notice for notice in notices)
 
 
-def test_unknown_kind_is_refused(tmp_path):
+def test_unknown_kind_is_refused(tmp_path, db_url):
     from index import GalleryError
 
     with pytest.raises(GalleryError, match="unknown index kind"):
-        Gallery.open(tmp_path / "home", index_kind="lsh")
+        Gallery.open(tmp_path / "home", db_url, index_kind="lsh")
 
 
 def test_run_p5_tiny(tmp_path):

@@ -47,12 +47,12 @@ def test_fifty_crash_trials_each(lfw_dir):
     _assert_all_ok(crash_harness.people_trials(lfw_dir, 50, seed=22))
 
 
-def test_crash_between_commit_and_index_save_is_repaired(tmp_path, monkeypatch):
+def test_crash_between_commit_and_index_save_is_repaired(tmp_path, monkeypatch, db_url):
     """The window a SIGKILL rarely hits, made certain: the index write never happens."""
     home = tmp_path / "home"
     vector = np.ones(4, dtype=np.float32) / 2
     new = NewFace("ada", vector, (0, 0, 1, 1), 1.0, "/a.jpg", "sha-a")
-    with Gallery.open(home) as gallery:
+    with Gallery.open(home, db_url) as gallery:
         gallery.add_faces("t", "v", 4, [NewFace("bob", -vector, (0, 0, 1, 1), 1.0, "/b.jpg", "sha-b")])
 
         def crash(*args, **kwargs):
@@ -63,17 +63,17 @@ def test_crash_between_commit_and_index_save_is_repaired(tmp_path, monkeypatch):
             gallery.add_faces("t", "v", 4, [new])
     monkeypatch.undo()
     notices = []
-    with Gallery.open(home, notify=notices.append) as gallery:
+    with Gallery.open(home, db_url, notify=notices.append) as gallery:
         hits = gallery.search("t", "v", 4, vector[None], top_k=2)[0]
         assert hits[0].name == "ada"  # committed face is searchable after the repair
         assert gallery.check_index("t", "v").healthy
     assert any("out of date" in n for n in notices)
 
 
-def test_full_disk_on_index_write_is_a_clear_error_and_loses_nothing(tmp_path, monkeypatch):
+def test_full_disk_on_index_write_is_a_clear_error_and_loses_nothing(tmp_path, monkeypatch, db_url):
     home = tmp_path / "home"
     vector = np.ones(4, dtype=np.float32) / 2
-    with Gallery.open(home) as gallery:
+    with Gallery.open(home, db_url) as gallery:
         gallery.add_faces("t", "v", 4, [NewFace("bob", -vector, (0, 0, 1, 1), 1.0, "/b.jpg", "sha-b")])
 
         def full(*args, **kwargs):
@@ -83,7 +83,7 @@ def test_full_disk_on_index_write_is_a_clear_error_and_loses_nothing(tmp_path, m
         with pytest.raises(GalleryError, match="No space left on device.*database is intact"):
             gallery.add_faces("t", "v", 4, [NewFace("ada", vector, (0, 0, 1, 1), 1.0, "/a.jpg", "sha-a")])
     monkeypatch.undo()
-    with Gallery.open(home) as gallery:
+    with Gallery.open(home, db_url) as gallery:
         assert [p.name for p in gallery.people()] == ["ada", "bob"]
         assert gallery.search("t", "v", 4, vector[None])[0][0].name == "ada"
         assert gallery.check_index("t", "v").healthy

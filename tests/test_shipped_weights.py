@@ -11,7 +11,9 @@ import torch
 from jointface.engines.joint_engine import default_weights_path
 
 
-def test_weights_file_is_shipped_small_and_self_describing():
+def test_weights_file_is_shipped_small_and_self_describing(lfw_dir):
+    from jointface.datasets.collections import lfw_p1_split
+
     path = default_weights_path()
     assert path is not None, "jointface/weights/jointface.pt is missing"
     assert path.stat().st_size <= 50 * 1024 * 1024
@@ -20,7 +22,9 @@ def test_weights_file_is_shipped_small_and_self_describing():
     for key in ("backbone", "input_size", "anchor_sizes", "embedding_dim", "mean", "std", "class_names",
                 "training_command", "training_data"):
         assert key in record, key
-    assert len(record["class_names"]) == 311  # the P1 people
+    # every P1 person is a class (v2 weights also have the CelebA people they were trained on)
+    p1_people = {path.split("/")[0] for path in lfw_p1_split(lfw_dir)}
+    assert len(p1_people) == 311 and p1_people <= set(record["class_names"])
     assert all(t.dtype in (torch.float16, torch.int64, torch.long) for t in payload["state_dict"].values()
                if t.is_floating_point())
 

@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from index.errors import StoreError
 from index.models import Base
@@ -18,14 +18,21 @@ def url_for(path) -> str:
     return f"sqlite:///{path}"
 
 
-def test_empty_database_to_head_and_back_down(tmp_path):
-    store = IdentityStore(url_for(tmp_path / "g.db"))
+@pytest.fixture
+def any_url(db_url, tmp_path) -> str:
+    """A new database: SQLite, then PostgreSQL (the migrations must run on both)."""
+    return db_url or url_for(tmp_path / "g.db")
+
+
+def test_empty_database_to_head_and_back_down(any_url):
+    store = IdentityStore(any_url)
     assert store.current_revision() is None
     store.upgrade("head")
     assert store.current_revision() == head_revision()
     assert {"people", "faces", "gallery_state"} <= set(inspect(store.engine).get_table_names())
     store.downgrade("0001")
     assert "gallery_state" not in inspect(store.engine).get_table_names()
+    assert "gallery_settings" not in inspect(store.engine).get_table_names()
     store.downgrade("base")
     assert store.current_revision() is None
     assert not {"people", "faces"} & set(inspect(store.engine).get_table_names())
@@ -34,27 +41,25 @@ def test_empty_database_to_head_and_back_down(tmp_path):
     store.close()
 
 
-def test_models_match_migrations(tmp_path):
-    store = IdentityStore.open(url_for(tmp_path / "g.db"))
+def test_models_match_migrations(any_url):
+    store = IdentityStore.open(any_url)
     with store.engine.connect() as connection:
         diff = compare_metadata(MigrationContext.configure(connection, opts={"compare_type": True}), Base.metadata)
     store.close()
     assert diff == []
 
 
-def test_old_schema_with_faces_is_upgraded_on_open(tmp_path):
-    path = tmp_path / "old.db"
-    store = IdentityStore(url_for(path))
+def test_old_schema_with_faces_is_upgraded_on_open(any_url):
+    store = IdentityStore(any_url)
     store.upgrade("0001")
-    store.close()
-    with sqlite3.connect(path) as raw:
-        raw.execute("INSERT INTO people (id, name, created_at, meta) VALUES (1, 'ada', '2020-01-01', '{}')")
-        raw.execute(
+    with store.engine.begin() as raw:
+        raw.execute(text("INSERT INTO people (id, name, created_at, meta) VALUES (1, 'ada', '2020-01-01', '{}')"))
+        raw.execute(text(
             "INSERT INTO faces (person_id, engine, engine_version, dim, embedding, box_x1, box_y1, box_x2, box_y2,"
-            " det_score, source_path, source_sha256, created_at) VALUES (1, 'dlib', 'v', 2, x'0000803f00000000',"
-            " 0, 0, 1, 1, 1.0, 'a.jpg', 'abc', '2020-01-01')"
-        )
-    store = IdentityStore.open(url_for(path))
+            " det_score, source_path, source_sha256, created_at) VALUES (1, 'dlib', 'v', 2, :blob,"
+            " 0, 0, 1, 1, 1.0, 'a.jpg', 'abc', '2020-01-01')"), {"blob": bytes.fromhex("0000803f00000000")})
+    store.close()
+    store = IdentityStore.open(any_url)
     assert store.current_revision() == head_revision()
     with store.session() as session:
         assert store.generation(session, "dlib") == 1  # so an index is rebuilt and checked

@@ -48,6 +48,7 @@ from jointface.net.matching import match_faces
 from jointface.net.model import JointNet, ModelRecord, build_identity_heads, classify, postprocess
 from jointface.net.resnet import load_torchvision_weights
 
+from . import distributed
 from .config import TrainConfig
 from .data import (Augmentation, FaceDataset, PKBatchSampler, collate, load_class_names, load_records,
                    sample_box_sizes)
@@ -331,11 +332,13 @@ def train(config: TrainConfig) -> TrainResult:
     checkpoint_path = out_dir / "checkpoints" / "last.pt"
     checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path.exists() else None
     config = _resolve_config(config, checkpoint)
+    context, device_name = distributed.setup(config.device)  # one process, or one rank of a torchrun job
     out_dir.mkdir(parents=True, exist_ok=True)
-    config.save(out_dir / "config.json")
-    device = resolve_device(config.device)
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
+    if context.is_main:
+        config.save(out_dir / "config.json")
+    device = resolve_device(device_name)
+    if config.num_threads or distributed.default_threads(context):
+        torch.set_num_threads(config.num_threads or distributed.default_threads(context))
     torch.manual_seed(config.seed)
 
     class_names = load_class_names(config.data_dir)
@@ -378,7 +381,9 @@ def train(config: TrainConfig) -> TrainResult:
     heads.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
-    (out_dir / "model_record.json").write_text(json.dumps(model.record.to_dict(), indent=2) + "\n")
+    distributed.broadcast_parameters([model, heads], context)
+    if context.is_main:
+        (out_dir / "model_record.json").write_text(json.dumps(model.record.to_dict(), indent=2) + "\n")
 
     total_steps = config.epochs * len(sampler)
     if config.max_steps is not None:
@@ -403,13 +408,16 @@ def train(config: TrainConfig) -> TrainResult:
                                           (n == "identity_margin" and "margin" in heads) or
                                           (n == "triplet" and "triplet" in config.identity_heads) or
                                           (n == "distill" and "distill" in heads)]
-    steps_log = CsvLog(out_dir / "steps.csv", ["step", "epoch", "lr", "total"] + loss_names, keep_until_step=step)
+    steps_log = CsvLog(out_dir / "steps.csv", ["step", "epoch", "lr", "total"] + loss_names, keep_until_step=step) \
+        if context.is_main else distributed.NullLog()
     epochs_log = CsvLog(out_dir / "epochs.csv", ["epoch", "step", "seconds", "train_loss", "top1_classifier",
                                                  "top1_nearest", "mean_iou", "iou_images", "no_face", "test_images"],
-                        keep_until_step=step)
+                        keep_until_step=step) if context.is_main else distributed.NullLog()
     weights = {name: config.loss_weights.get(name, 1.0) for name in loss_names}
 
     def checkpoint_now(epoch_value: int, in_epoch: int) -> None:
+        if not context.is_main:
+            return
         save_checkpoint(checkpoint_path, model=model, heads=heads, optimizer=optimizer, scheduler=scheduler,
                         step=step, epoch=epoch_value, step_in_epoch=in_epoch, config=config, metrics=metrics)
 
@@ -421,13 +429,13 @@ def train(config: TrainConfig) -> TrainResult:
     epoch = start_epoch
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[status]}")]
-    with Progress(*columns, disable=not config.progress) as progress:
+    with Progress(*columns, disable=not config.progress or not context.is_main) as progress:
         task = progress.add_task("training", total=total_steps, completed=step, status="")
         for epoch in range(start_epoch, config.epochs):
             if stopped:
                 break
             started, epoch_losses = time.time(), []
-            batches = sampler.batches(epoch)[step_in_epoch:]
+            batches = distributed.shard(sampler.batches(epoch)[step_in_epoch:], context)
             loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate, num_workers=config.num_workers,
                                 persistent_workers=False)
             model.train()
@@ -435,11 +443,13 @@ def train(config: TrainConfig) -> TrainResult:
             for images, faces in loader:
                 if "margin" in heads:
                     heads["margin"].ramp = margin_ramp(config, step)
+                distributed.broadcast_buffers(model, context)
                 losses = compute_losses(model, heads, images, faces, config, device)
                 check_finite(losses, step)
                 loss = total_loss(losses, weights)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                distributed.average_gradients(parameters, context)
                 if config.grad_clip:
                     torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
                 optimizer.step()
@@ -448,6 +458,7 @@ def train(config: TrainConfig) -> TrainResult:
                 step_in_epoch += 1
                 last_losses = {name: value.item() for name, value in losses.items()}
                 last_losses["total"] = loss.item()
+                last_losses = distributed.mean_losses(last_losses, context)
                 epoch_losses.append(last_losses["total"])
                 if step % config.log_every == 0 or step == total_steps:
                     steps_log.write({"step": step, "epoch": epoch, "lr": optimizer.param_groups[-1]["lr"],
@@ -461,7 +472,7 @@ def train(config: TrainConfig) -> TrainResult:
             epoch_done = step_in_epoch >= len(sampler)
             if epoch_done:
                 due = (epoch + 1) % max(1, config.validate_every) == 0 or epoch + 1 == config.epochs
-                if config.validate and due:
+                if config.validate and due and context.is_main:
                     metrics = evaluate(model, heads, gallery_set, test_set, device, config.conf_threshold, config.bf16)
                     epochs_log.write({"epoch": epoch + 1, "step": step, "seconds": round(time.time() - started, 1),
                                       "train_loss": sum(epoch_losses) / max(1, len(epoch_losses)), **metrics})
@@ -471,13 +482,17 @@ def train(config: TrainConfig) -> TrainResult:
                 checkpoint_now(epoch + 1, 0)
             else:
                 checkpoint_now(epoch, step_in_epoch)
-    if step_in_epoch != 0 and config.validate and not metrics:  # stopped mid-epoch (max_steps) before any validation
+    # stopped mid-epoch (max_steps) before any validation
+    if step_in_epoch != 0 and config.validate and not metrics and context.is_main:
         metrics = evaluate(model, heads, gallery_set, test_set, device, config.conf_threshold, config.bf16)
         epochs_log.write({"epoch": round(epoch + step_in_epoch / len(sampler), 3), "step": step, **metrics})
     if epochs_log.rows() or steps_log.rows():
         plot_curves(steps_log, epochs_log, out_dir / "curves.png")
     weights_path = out_dir / "jointface.pt"
-    export_weights(checkpoint_path, weights_path)
+    if context.is_main:
+        export_weights(checkpoint_path, weights_path)
+    distributed.check_in_sync([model, heads], context)
+    distributed.cleanup(context)
     return TrainResult(out_dir=out_dir, checkpoint=checkpoint_path, weights=weights_path, step=step,
                        epoch=epoch, last_losses=last_losses, metrics=metrics)
 

@@ -25,9 +25,13 @@ def upgrade() -> None:
     )
     # A database of revision 0001 may already hold faces: give each engine a
     # state row so its index is rebuilt and checked on next open.
+    # (PostgreSQL needs the NULL and the JSON literal typed; SQLite would turn a CAST to JSON into a number.)
+    typed = op.get_bind().dialect.name == "postgresql"
     op.execute(
         "INSERT INTO gallery_state (engine, generation, threshold, threshold_info, updated_at) "
-        "SELECT DISTINCT engine, 1, NULL, '{}', CURRENT_TIMESTAMP FROM faces"
+        + ("SELECT engine, 1, CAST(NULL AS FLOAT), CAST('{}' AS JSON), CURRENT_TIMESTAMP "
+           "FROM (SELECT DISTINCT engine FROM faces) AS engines"
+           if typed else "SELECT DISTINCT engine, 1, NULL, '{}', CURRENT_TIMESTAMP FROM faces")
     )
 
 

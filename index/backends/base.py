@@ -1,0 +1,87 @@
+"""The interface every vector backend implements (see :mod:`index.backends`).
+
+The gallery calls, for an enrolment (gallery lock held):
+
+1. ``begin_add`` before its transaction (bring the backend in step with the
+   database; returns a token handed back in step 3);
+2. ``add_in_transaction`` inside it, after the ``faces`` rows are flushed
+   (only a transactional backend writes here);
+3. ``add_after_commit`` once the transaction is committed, with the
+   engine's new generation (``None`` when nothing was added).
+
+For removals and merges, ``delete_after_commit`` after the commit. A
+backend that is not transactional must survive a crash between the commit
+and its own write: it records the generation it mirrors and rebuilds from
+the database when it is behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+
+class VectorBackend:
+    name = "base"
+    #: vectors are written in the same transaction as the identity rows (no repair ever needed)
+    transactional = False
+
+    def __init__(self, gallery):
+        self.gallery = gallery
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def begin_add(self, engine: str, version: str, dim: int):
+        return None
+
+    def add_in_transaction(self, session, engine: str, version: str, dim: int, ids: np.ndarray,
+                           vectors: np.ndarray) -> None:
+        pass
+
+    def add_after_commit(self, token, engine: str, version: str, dim: int, ids: np.ndarray, vectors: np.ndarray,
+                         generation: int | None) -> None:
+        raise NotImplementedError
+
+    def delete_after_commit(self, ids_by_engine: dict[str, list[int]], generations: dict[str, int]) -> None:
+        raise NotImplementedError
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def search(self, engine: str, version: str, dim: int, queries: np.ndarray, k: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` ``(similarities, face ids)`` per query (inner product); missing slots are ``(-inf, -1)``."""
+        raise NotImplementedError
+
+    # -- maintenance ------------------------------------------------------------------------
+
+    def rebuild(self, engine: str, version: str, dim: int) -> int:
+        raise NotImplementedError
+
+    def check(self, engine: str, version: str):
+        """An :class:`index.gallery.IndexReport` comparing the backend with the database."""
+        raise NotImplementedError
+
+    def forget(self) -> None:
+        """The database was replaced (restore): everything must be rebuilt before use."""
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return self.name
+
+
+def vector_key(engine: str, version: str, dim: int) -> str:
+    """A short, stable name fragment for one engine version's vectors (SQL table / collection names)."""
+    return hashlib.sha1(f"{engine}\0{version}\0{dim}".encode()).hexdigest()[:16]
+
+
+def pad_results(rows: list[list[tuple[int, float]]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    sims = np.full((len(rows), k), -np.inf, dtype=np.float32)
+    ids = np.full((len(rows), k), -1, dtype=np.int64)
+    for r, row in enumerate(rows):
+        for c, (face_id, sim) in enumerate(row[:k]):
+            ids[r, c] = face_id
+            sims[r, c] = sim
+    return sims, ids
