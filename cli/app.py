@@ -680,6 +680,11 @@ def _benchmark_engines() -> list[str]:
     return ["dlib", "jointface"] if default_engine_name() == "jointface" else ["dlib"]
 
 
+from cli import serve as _serve  # noqa: E402  (`jointface serve` and `jointface keys`)
+
+_serve.register(app)
+
+
 def main() -> None:
     app()
 
