@@ -19,7 +19,7 @@ from jointface.server.uploads import UploadLimits
 
 
 def make_server(home: Path, engine, **options):
-    config = ServeConfig(home=home, **options)
+    config = ServeConfig(home=home, **{"detect_timeout_s": 600, **options})
     app = create_app(config, engine)
     client = TestClient(app, raise_server_exceptions=False)
     with Gallery.open(home) as gallery:
