@@ -378,3 +378,65 @@ def test_keys_commands(run_cli, tmp_path):
     rows = [json.loads(line) for line in run_cli("keys", "list", "--json", home=home).stdout.splitlines()]
     assert rows[0]["active"] is False
     assert secret.encode() not in (home / "jointface.db").read_bytes()
+
+
+def test_serve_command_end_to_end(run_cli, tmp_path):
+    """`jointface serve` as its own process on 127.0.0.1: health without a key, people with one."""
+    import os
+    import socket
+    import subprocess
+    import time
+
+    import httpx
+
+    from conftest import REPO, jointface_command
+
+    home = tmp_path / "home"
+    created = run_cli("keys", "create", "reader", "--scope", "read", home=home)
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([*jointface_command(), "--engine", "dlib", "serve", "--port", str(port)], cwd=REPO,
+                              env={**os.environ, "JOINTFACE_HOME": str(home)}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(3000):  # at most 300 s on a busy machine
+            try:
+                if httpx.get(url + "/v1/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None, server.stderr.read()
+            time.sleep(0.1)
+        assert httpx.get(url + "/v1/people", timeout=30).status_code == 401
+        answer = httpx.get(url + "/v1/people", headers=auth(secret), timeout=30)
+        assert answer.status_code == 200 and answer.json() == {"people": []}
+        assert httpx.get(url + "/", timeout=30).text.count("JointFace") >= 1
+    finally:
+        server.terminate()
+        server.wait(60)
+    assert "serving on http://127.0.0.1:" in server.stderr.read()
+
+
+def test_concurrent_searches_share_the_engine_and_answer_as_one_at_a_time(knn_home_copy, dlib_engine, knn_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    app, client, secrets = make_server(knn_home_copy, dlib_engine, max_wait_s=0.05)
+    try:
+        paths = sorted((knn_dir / "test").glob("*.jpg"))
+
+        def ask(path):
+            response = client.post("/v1/search", headers=auth(secrets["read"]), files=[photo(path)])
+            assert response.status_code == 200, response.text
+            return response.json()["results"][0]
+
+        alone = [ask(path) for path in paths]
+        with ThreadPoolExecutor(len(paths)) as pool:
+            together = list(pool.map(ask, paths))
+        assert together == alone
+        assert app.state.service.engine.stats.photos == 2 * len(paths)  # each photo detected once
+    finally:
+        app.state.service.close()
