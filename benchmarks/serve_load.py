@@ -146,7 +146,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each phase (at most 120)")
     parser.add_argument("--max-requests", type=int, default=3000, help="request budget of each phase")
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--cli-repeats", type=int, default=4, help="times the photos are repeated for the CLI run")
+    parser.add_argument("--cli-repeats", type=int, default=2, help="times the photos are repeated for the CLI run")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "serve_load.json")
     args = parser.parse_args()
     seconds = min(args.seconds, 120.0)
