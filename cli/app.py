@@ -824,6 +824,10 @@ from cli.cluster import register as _register_cluster  # noqa: E402  (`cluster` 
 
 _register_cluster(app)
 
+from cli import serve as _serve  # noqa: E402  (`jointface serve` and `jointface keys`)
+
+_serve.register(app)
+
 
 def main() -> None:
     app(args=hoist_global_options(sys.argv[1:]), prog_name="jointface")

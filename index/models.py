@@ -178,3 +178,34 @@ class GallerySetting(Base):
     value: Mapped[dict] = mapped_column(JSON, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow,
                                                  nullable=False)
+
+
+class ApiKey(Base):
+    """A key of the HTTP service (``jointface serve``): only the sha256 of the secret is stored."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (UniqueConstraint("name", name="uq_api_keys_name"),
+                      UniqueConstraint("secret_sha256", name="uq_api_keys_secret_sha256"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), nullable=False)
+    scope: Mapped[str] = mapped_column(String(16), nullable=False)  # read, write or admin
+    prefix: Mapped[str] = mapped_column(String(16), nullable=False)  # first characters, to recognise a key
+    secret_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class AuditEntry(Base):
+    """One change to the gallery or to the keys: when, by which key (or the command line), what."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True, nullable=False)
+    key_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # no foreign key: entries outlive keys
+    actor: Mapped[str] = mapped_column(String(255), nullable=False)  # "key:NAME" or "cli"
+    action: Mapped[str] = mapped_column(String(32), nullable=False)
+    target: Mapped[str] = mapped_column(String(255), nullable=False)
+    detail: Mapped[dict] = mapped_column(JSON, default=dict, nullable=False)

@@ -12,6 +12,8 @@ from index.store import head_revision
 
 
 def test_full_session(run_cli, knn_dir, tmp_path):
+    from index.store import head_revision
+
     home = tmp_path / "home"
     train = knn_dir / "train"
 
@@ -123,7 +125,7 @@ def test_broken_database_is_reported_not_overwritten(run_cli, tmp_path, knn_dir)
 
 
 def test_old_database_upgraded_by_command(run_cli, tmp_path):
-    from index.store import IdentityStore
+    from index.store import IdentityStore, head_revision
 
     home = tmp_path / "home"
     home.mkdir()

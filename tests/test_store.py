@@ -29,7 +29,10 @@ def test_empty_database_to_head_and_back_down(any_url):
     assert store.current_revision() is None
     store.upgrade("head")
     assert store.current_revision() == head_revision()
-    assert {"people", "faces", "gallery_state"} <= set(inspect(store.engine).get_table_names())
+    assert {"people", "faces", "gallery_state", "api_keys", "audit_log", "gallery_settings",
+            "library_photos", "library_faces", "face_clusters"} <= set(inspect(store.engine).get_table_names())
+    store.downgrade("0002")
+    assert not {"api_keys", "audit_log", "gallery_settings", "library_photos"} & set(inspect(store.engine).get_table_names())
     store.downgrade("0001")
     assert "gallery_state" not in inspect(store.engine).get_table_names()
     assert "gallery_settings" not in inspect(store.engine).get_table_names()

@@ -1,7 +1,7 @@
 """photo library clustering: scanned photos, their faces, face clusters (``jointface cluster``)
 
 Revision ID: 0004_face_clusters
-Revises: 0002
+Revises: 0003_api_keys_audit
 Create Date: 2026-11-30
 """
 
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0004_face_clusters"
-down_revision = "0002"
+down_revision = "0003_api_keys_audit"
 branch_labels = None
 depends_on = None
 

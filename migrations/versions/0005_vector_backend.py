@@ -1,7 +1,7 @@
 """gallery settings: which vector backend mirrors the faces (faiss, pgvector, milvus)
 
 Revision ID: 0005_vector_backend
-Revises: 0002
+Revises: 0004_face_clusters
 Create Date: 2026-11-30
 """
 
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0005_vector_backend"
-down_revision = "0002"
+down_revision = "0004_face_clusters"
 branch_labels = None
 depends_on = None
 
