@@ -343,20 +343,10 @@ class JointEngine(Engine):
             maps = [m.float() for m in maps]
         lap("network")
         with torch.inference_mode():
-            found = faces_from_maps(self.model, [m[:count] for m in maps], self.conf_threshold, self.nms_iou,
-                                    self.max_faces)
-            if self.flip and any(len(f.boxes) for f in found):
-                width = batch.shape[-1]
-                boxes = torch.cat([f.boxes for f in found])
-                mirrored = torch.stack((width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]), dim=1)
-                image_idx = torch.cat([torch.full((len(f.boxes),), i, dtype=torch.long) for i, f in enumerate(found)])
-                other = self.model.embed([m[count:] for m in maps[3:]], mirrored, image_idx)
-                start, merged = 0, []
-                for f in found:
-                    both = F.normalize(f.embeddings + other[start:start + len(f.boxes)], dim=-1)
-                    merged.append(f._replace(embeddings=both))
-                    start += len(f.boxes)
-                found = merged
+            if not self.flip:
+                found = faces_from_maps(self.model, maps, self.conf_threshold, self.nms_iou, self.max_faces)
+            else:
+                found = self._flip_v2(maps, count, batch.shape[-1])
         lap("decode_nms")
         results = []
         for image, (_, placement), faces in zip(images, placed, found):
@@ -370,6 +360,40 @@ class JointEngine(Engine):
                 if box[2] > box[0] and box[3] > box[1]
             ])
         lap("to_faces")
+        return results
+
+    def _flip_v2(self, maps, count: int, width: int):
+        """Flip TTA for v2: faces found in both views are paired (as :func:`merge_flipped` pairs them: box and
+        score the mean of the two), and each face's embedding is the normalised sum of its RoI embedding in
+        the photo and in the mirror, at the merged box. A mirrored photo so gives the mirrored face."""
+        import torch
+        import torch.nn.functional as F
+
+        from jointface.net.model import Detections, merge_flipped
+        from jointface.net.v2 import FacesV2, decode_v2
+
+        found = decode_v2(self.model, self.model.detections_from_maps(maps[:3]), self.conf_threshold, self.nms_iou,
+                          self.max_faces)
+        merged = []
+        for (boxes, scores), (m_boxes, m_scores) in zip(found[:count], found[count:]):
+            empty = torch.zeros(len(boxes), 1), torch.zeros(len(m_boxes), 1)
+            joined = merge_flipped(Detections(boxes, scores, empty[0], torch.zeros(len(boxes), dtype=torch.long)),
+                                   Detections(m_boxes, m_scores, empty[1], torch.zeros(len(m_boxes), dtype=torch.long)),
+                                   width)
+            merged.append((joined.boxes, joined.scores))
+        boxes = torch.cat([b for b, _ in merged]) if merged else torch.zeros(0, 4)
+        if len(boxes) == 0:
+            return [FacesV2(b, s, torch.zeros(0, self.record.embedding_dim)) for b, s in merged]
+        image_idx = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, (b, _) in enumerate(merged)])
+        mirrored = torch.stack((width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]), dim=1)
+        identity_maps = [m.float() for m in maps[3:]]
+        plain = self.model.embed([m[:count] for m in identity_maps], boxes, image_idx)
+        other = self.model.embed([m[count:] for m in identity_maps], mirrored, image_idx)
+        both = F.normalize(plain + other, dim=-1)
+        results, start = [], 0
+        for b, sc in merged:
+            results.append(FacesV2(b, sc, both[start:start + len(b)]))
+            start += len(b)
         return results
 
     def _place(self, images: Sequence[np.ndarray]):
