@@ -820,13 +820,15 @@ def hoist_global_options(argv: list[str]) -> list[str]:
     return front + hoisted + path + rest
 
 
-from cli.cluster import register as _register_cluster  # noqa: E402  (`cluster` and `clusters`)
+if __name__ != "__main__":  # run as `python -m cli.app`, the commands are registered on the imported module's app
+    from cli.cluster import register as _register_cluster  # noqa: E402  (`cluster` and `clusters`)
 
-_register_cluster(app)
+    _register_cluster(app)
 
-from cli import serve as _serve  # noqa: E402  (`jointface serve` and `jointface keys`)
+if __name__ != "__main__":
+    from cli import serve as _serve  # noqa: E402  (`jointface serve` and `jointface keys`)
 
-_serve.register(app)
+    _serve.register(app)
 
 
 def main() -> None:
@@ -834,4 +836,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from cli.app import main as _main  # the module (with every command registered), not this __main__ copy
+
+    _main()
