@@ -266,3 +266,14 @@ def test_identity_crops_run_trains_only_the_identity_branch_and_a_joint_run_star
     bad = TrainConfigV2(mode="crops", out_dir=str(tmp_path / "x"), **tiny)
     with pytest.raises(ValueError, match="unknown mode"):
         run_for(bad)
+
+
+def test_multi_scale_canvases_alternate_by_step(tmp_path, lfw_dir, one_torch_thread):
+    from jointface.train.v2 import Run, TrainConfigV2
+
+    run = Run(TrainConfigV2(labels=_labels(tmp_path, lfw_dir), out_dir=str(tmp_path / "run"), backbone="resnet_tiny",
+                            input_size=64, canvas_sizes=[64, 96], fpn_channels=16, identity_channels=16,
+                            embedding_dim=16, roi_size=4, batch_size=2, max_steps=2, warmup_steps=1,
+                            validate_every=0, anchor_sample_images=20, num_threads=1, progress=False))
+    assert [run.batch(step)[0].shape[1] for step in range(4)] == [64, 96, 64, 96]
+    assert run.run()["step"] == 2

@@ -57,6 +57,9 @@ class TrainConfigV2:
     anchors_from: str | None = None       # a v2 weights file whose anchors this network takes (no k-means)
     backbone: str = "resnet18"
     input_size: int = 224
+    #: multi-scale training: the canvas side of step ``s`` is ``canvas_sizes[s % len]`` (default: input_size
+    #: only); larger canvases teach larger faces in pixels (close-ups once a photo is scaled to the input)
+    canvas_sizes: list = field(default_factory=list)
     fpn_channels: int = 128
     identity_channels: int = 128
     embedding_dim: int = 128
@@ -106,8 +109,8 @@ class TrainConfigV2:
         return cls(**values)
 
 
-def composer_settings(config: TrainConfigV2) -> ComposerSettings:
-    return ComposerSettings(size=config.input_size, mosaic_probability=config.mosaic_probability,
+def composer_settings(config: TrainConfigV2, size: int | None = None) -> ComposerSettings:
+    return ComposerSettings(size=size or config.input_size, mosaic_probability=config.mosaic_probability,
                             negative_probability=config.negative_probability,
                             identity_min_face=config.identity_min_face,
                             face_range=(config.face_range_low, config.face_range_high),
@@ -329,6 +332,8 @@ class Run:
         self.data.counts["left_out_unlabelled"] = sorted(set(config.labels) - set(labels))
         self.loader = PhotoLoader()
         self.composer = SampleComposer(self.data.train, self.loader, composer_settings(config), seed=config.seed)
+        self.composers = {size: SampleComposer(self.data.train, self.loader, composer_settings(config, size),
+                                               seed=config.seed) for size in config.canvas_sizes}
         self.teacher_mean = self.data.teacher_mean()
         self.proxy = p2_proxy_set(config.labels["lfw"], config.p2proxy_people) if config.validate_every else []
         self.step = 0
@@ -409,7 +414,10 @@ class Run:
 
     def batch(self, step: int):
         size = self.config.batch_size
-        return collate([self.composer.compose(step * size + i) for i in range(size)])
+        composer = self.composer
+        if self.composers:
+            composer = self.composers[self.config.canvas_sizes[step % len(self.config.canvas_sizes)]]
+        return collate([composer.compose(step * size + i) for i in range(size)])
 
     def train_step(self) -> dict[str, float]:
         config = self.config
