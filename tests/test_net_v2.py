@@ -274,6 +274,10 @@ def test_multi_scale_canvases_alternate_by_step(tmp_path, lfw_dir, one_torch_thr
     run = Run(TrainConfigV2(labels=_labels(tmp_path, lfw_dir), out_dir=str(tmp_path / "run"), backbone="resnet_tiny",
                             input_size=64, canvas_sizes=[64, 96], fpn_channels=16, identity_channels=16,
                             embedding_dim=16, roi_size=4, batch_size=2, max_steps=2, warmup_steps=1,
-                            validate_every=0, anchor_sample_images=20, num_threads=1, progress=False))
+                            validate_every=2, p2proxy_people=2, anchor_sample_images=20, num_threads=1,
+                            progress=False))
     assert [run.batch(step)[0].shape[1] for step in range(4)] == [64, 96, 64, 96]
-    assert run.run()["step"] == 2
+    result = run.run()
+    assert result["step"] == 2 and result["p2proxy_probes"] == 6
+    # validated once at the last step, not twice
+    assert len((tmp_path / "run" / "validation.csv").read_text().splitlines()) == 2

@@ -489,6 +489,7 @@ class Run:
         config = self.config
         started, last_log = time.monotonic(), time.monotonic()
         metrics: dict = {}
+        validated_at = None
         try:
             while self.step < config.max_steps:
                 losses = self.train_step()
@@ -505,14 +506,14 @@ class Run:
                 if self.step % config.checkpoint_every == 0:
                     self.save_checkpoint()
                 if config.validate_every and self.step % config.validate_every == 0:
-                    metrics = self.validate_and_export()
+                    metrics, validated_at = self.validate_and_export(), self.step
                     print(f"validation at step {self.step}: {metrics}", flush=True)
         except KeyboardInterrupt:
             self.save_checkpoint()
             print(f"interrupted: checkpoint saved at step {self.step}; run again to resume", flush=True)
             raise
         self.save_checkpoint()
-        if not metrics or metrics.get("step") != self.step:
+        if validated_at != self.step:  # not validated at this very step yet
             metrics = self.validate_and_export()
         return {"step": self.step, "seconds": round(time.monotonic() - started, 1), **metrics}
 
