@@ -263,6 +263,14 @@ def test_identity_crops_run_trains_only_the_identity_branch_and_a_joint_run_star
     mine = start.model.state_dict()
     assert torch.allclose(mine["identity.fc.weight"], crop_state["identity.fc.weight"].float())
     assert torch.allclose(mine["heads.0.0.weight"], joint_state["heads.0.0.weight"].float())
+    # detection heads alone learn: everything else, BatchNorm statistics included, stays as it was
+    heads = Run(TrainConfigV2(out_dir=str(tmp_path / "heads"), max_steps=1, anchors_from=str(reference),
+                              init_state=[[str(crop_weights), ["backbone.", "identity.", "lateral.", "smooth."]]],
+                              trainable=["heads."], **tiny))
+    before = {k: v.clone() for k, v in heads.model.state_dict().items()}
+    heads.run()
+    after = heads.model.state_dict()
+    assert {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])} == {"heads"}
     bad = TrainConfigV2(mode="crops", out_dir=str(tmp_path / "x"), **tiny)
     with pytest.raises(ValueError, match="unknown mode"):
         run_for(bad)

@@ -191,6 +191,8 @@ class CropRun(Run):
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.step)
         rois = jitter_boxes(torch.from_numpy(boxes), config.box_jitter, generator)
         images = normalise(torch.from_numpy(canvases), self.model.record)
+        for module in self.frozen_norms:  # frozen layers keep their statistics
+            module.eval()
         maps = self.model.forward_maps(images)
         embeddings = self.model.embed(maps[3:], rois, torch.arange(len(rois)))
         if self.margin_head is not None:

@@ -55,6 +55,9 @@ class TrainConfigV2:
     #: one of the prefixes (``margin.`` for the margin head's class weights) replace the network's, when shapes match
     init_state: list = field(default_factory=list)
     anchors_from: str | None = None       # a v2 weights file whose anchors this network takes (no k-means)
+    #: only the parameters whose names start with one of these prefixes learn (``margin.``: the margin head);
+    #: empty: all. Frozen BatchNorm layers keep their statistics (eval mode)
+    trainable: list = field(default_factory=list)
     backbone: str = "resnet18"
     input_size: int = 224
     #: multi-scale training: the canvas side of step ``s`` is ``canvas_sizes[s % len]`` (default: input_size
@@ -379,11 +382,22 @@ class Run:
             self.model.frozen_stages = int(config.frozen_stages)
         frozen = {"conv1", "bn1", *(f"layer{i}" for i in range(1, config.frozen_stages + 1))} \
             if config.frozen_stages else set()
-        backbone = [p for name, p in self.model.backbone.named_parameters() if name.split(".")[0] not in frozen]
+        self.frozen_norms = []
+        if config.trainable:
+            prefixes = tuple(config.trainable)
+            for name, parameter in self.model.named_parameters():
+                parameter.requires_grad_(name.startswith(prefixes))
+            if self.margin_head is not None:
+                self.margin_head.requires_grad_("margin." in prefixes)
+            self.frozen_norms = [module for module in self.model.modules()
+                                 if isinstance(module, nn.modules.batchnorm._BatchNorm)
+                                 and not any(p.requires_grad for p in module.parameters())]
+        backbone = [p for name, p in self.model.backbone.named_parameters()
+                    if name.split(".")[0] not in frozen and p.requires_grad]
         backbone_ids = {id(p) for p in backbone}
-        rest = [p for p in self.model.parameters() if id(p) not in backbone_ids]
+        rest = [p for p in self.model.parameters() if id(p) not in backbone_ids and p.requires_grad]
         if self.margin_head is not None:
-            rest += list(self.margin_head.parameters())
+            rest += [p for p in self.margin_head.parameters() if p.requires_grad]
         factor = config.backbone_lr_factor if (config.init_weights or config.init_state) else 1.0
         self.optimizer = torch.optim.AdamW([{"params": backbone, "lr": config.lr * factor},
                                             {"params": rest, "lr": config.lr}], weight_decay=config.weight_decay)
@@ -426,6 +440,8 @@ class Run:
         image_idx = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, b in enumerate(boxes)])
         all_boxes = torch.cat(boxes) if boxes else torch.zeros(0, 4)
         rois = jitter_boxes(all_boxes, config.box_jitter, generator)
+        for module in self.frozen_norms:  # frozen layers keep their statistics
+            module.eval()
         detections, embeddings = self.model.forward_train(normalise(images, self.model.record), rois, image_idx)
         matched = match_multilevel(boxes, self.model.anchor_grids(), detections.grid_sizes)
         if self.margin_head is not None:
