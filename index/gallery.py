@@ -47,6 +47,7 @@ from filelock import FileLock, Timeout
 from sqlalchemy import delete, func, select
 
 from .backends import BackendSpec, VectorBackend, make_backend, parse_backend
+from .backends.base import IndexReport
 from .errors import GalleryError, IndexCorruptError, PersonExistsError, PersonNotFoundError, StoreError
 from .models import FaceRow, GallerySetting, GalleryState, Person
 from .store import IdentityStore, sqlite_path
@@ -74,21 +75,6 @@ class NewFace:
     score: float
     source_path: str
     source_sha256: str
-
-
-@dataclass(frozen=True)
-class IndexReport:
-    engine: str
-    engine_version: str
-    db_faces: int
-    index_faces: int | None
-    db_generation: int
-    index_generation: int | None
-    problems: tuple[str, ...]
-
-    @property
-    def healthy(self) -> bool:
-        return not self.problems
 
 
 def default_db_url(home: Path) -> str:

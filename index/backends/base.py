@@ -18,8 +18,26 @@ the database when it is behind.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class IndexReport:
+    """What ``check_index`` found: an engine's faces in the database against its vectors."""
+
+    engine: str
+    engine_version: str
+    db_faces: int
+    index_faces: int | None
+    db_generation: int
+    index_generation: int | None
+    problems: tuple[str, ...]
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
 
 
 class VectorBackend:
@@ -59,7 +77,7 @@ class VectorBackend:
         raise NotImplementedError
 
     def check(self, engine: str, version: str):
-        """An :class:`index.gallery.IndexReport` comparing the backend with the database."""
+        """An :class:`IndexReport` comparing the backend with the database."""
         raise NotImplementedError
 
     def forget(self) -> None:

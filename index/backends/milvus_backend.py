@@ -29,7 +29,7 @@ import uuid
 import numpy as np
 
 from ..errors import GalleryError
-from .base import VectorBackend, pad_results, vector_key
+from .base import IndexReport, VectorBackend, pad_results, vector_key
 
 HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 64
@@ -273,8 +273,6 @@ class MilvusBackend(VectorBackend):
             return self._rebuild(engine, version, dim)
 
     def check(self, engine, version):
-        from ..gallery import IndexReport
-
         generation, db_ids = self.gallery._db_state(engine, version)
         problems: list[str] = []
         state = self._state(engine)

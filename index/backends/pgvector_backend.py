@@ -23,7 +23,7 @@ from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError
 
 from ..errors import GalleryError
-from .base import VectorBackend, pad_results, vector_key
+from .base import IndexReport, VectorBackend, pad_results, vector_key
 
 HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 64
@@ -179,8 +179,6 @@ class PgVectorBackend(VectorBackend):
             return self._rebuild(engine, version, dim)
 
     def check(self, engine, version):
-        from ..gallery import IndexReport
-
         generation, db_ids = self.gallery._db_state(engine, version)
         problems: list[str] = []
         index_faces = None
