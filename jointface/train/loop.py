@@ -28,10 +28,8 @@ the term (the last good checkpoint stays on disk).
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
-import pickle
 import sys
 import time
 from dataclasses import dataclass
@@ -47,6 +45,7 @@ from jointface.net.loss import check_finite, joint_losses, total_loss
 from jointface.net.matching import match_faces
 from jointface.net.model import JointNet, ModelRecord, build_identity_heads, classify, postprocess
 from jointface.net.resnet import load_torchvision_weights
+from jointface.weights_file import WEIGHTS_FORMAT, half_precision, read_torch_file, write_weights
 
 from . import distributed
 from .config import TrainConfig
@@ -54,7 +53,6 @@ from .data import (Augmentation, FaceDataset, PKBatchSampler, collate, load_clas
                    sample_box_sizes)
 
 CHECKPOINT_FORMAT = "jointface-checkpoint"
-WEIGHTS_FORMAT = "jointface-weights"
 #: Runtime settings a resumed run takes from the new config rather than the checkpoint.
 RUNTIME_FIELDS = ("epochs", "max_steps", "device", "bf16", "num_workers", "num_threads", "progress",
                   "checkpoint_every", "log_every", "validate", "validate_every", "out_dir", "data_dir",
@@ -239,25 +237,6 @@ def save_checkpoint(path: Path, *, model, heads, optimizer, scheduler, step, epo
     temporary = path.with_suffix(".tmp")
     torch.save(payload, temporary)
     temporary.replace(path)  # atomic: a crash never leaves half a checkpoint
-
-
-def read_torch_file(path: str | Path, formats: tuple[str, ...]) -> dict:
-    """``torch.load(weights_only=True)`` of a JointFace file whose ``format`` is one of ``formats``.
-
-    A missing, damaged or foreign file raises ``FileNotFoundError`` or ``ValueError`` naming it.
-    """
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(f"{path}: refused: damaged, not a torch file, or holding pickled Python objects "
-                         f"beyond tensors") from exc
-    except Exception as exc:  # zip / torch format errors: damaged, or not a torch file at all
-        raise ValueError(f"{path}: not a readable torch file ({exc.__class__.__name__})") from exc
-    if not isinstance(payload, dict) or payload.get("format") not in formats:
-        raise ValueError(f"{path}: not a JointFace {' or '.join(f.replace('jointface-', '') for f in formats)} file")
-    return payload
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -498,38 +477,11 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 # ----------------------------------------------------------------------------- export
-def _half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
-
-
 def export_weights(checkpoint: str | Path, out_path: str | Path, include_heads: bool = True) -> dict:
-    """Write the shipped weights file: fp16 tensors + plain Python metadata only.
-
-    Layout (``torch.load(path, weights_only=True)``)::
-
-        {"format": "jointface-weights", "format_version": 1,
-         "record": ModelRecord as a dict (backbone, input_size, anchor_sizes, embedding_dim,
-                   mean, std, class_names, training_command, training_data, ...),
-         "state_dict": JointNet's tensors (fp16),
-         "identity_heads": classifier/margin/distillation tensors (fp16; not needed for inference),
-         "training": {"step", "epoch", "metrics", "config"}}
-
-    Returns ``{"path", "bytes", "sha256"}``.
-    """
+    """Write the shipped weights file of a training checkpoint: fp16 tensors + plain Python metadata only
+    (the layout: :mod:`jointface.weights_file`). Returns ``{"path", "bytes", "sha256"}``."""
     payload = load_checkpoint(checkpoint)
-    weights = {
-        "format": WEIGHTS_FORMAT, "format_version": 1,
-        "record": payload["model_record"],
-        "state_dict": _half(payload["model"]),
-        "identity_heads": _half(payload["heads"]) if include_heads else {},
-        "training": {"step": payload["step"], "epoch": payload["epoch"], "metrics": payload["metrics"],
-                     "config": payload["config"]},
-    }
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(weights, out_path)
-    data = out_path.read_bytes()
-    size_mb = len(data) / 1e6
-    if size_mb > 50:
-        print(f"warning: {out_path} is {size_mb:.1f} MB, over the 50 MB budget for shipped weights")
-    return {"path": str(out_path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return write_weights(out_path, record=payload["model_record"], state_dict=half_precision(payload["model"]),
+                         identity_heads=half_precision(payload["heads"]) if include_heads else {},
+                         training={"step": payload["step"], "epoch": payload["epoch"], "metrics": payload["metrics"],
+                                   "config": payload["config"]})
