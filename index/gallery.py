@@ -370,6 +370,12 @@ class Gallery:
         with self.store.session() as session:
             return sorted(session.scalars(select(FaceRow.engine).distinct()))
 
+    def enrolled_hashes(self, engine_name: str) -> set[tuple[str, str]]:
+        """``(person name, photo file SHA-256)`` of every face enrolled with this engine."""
+        with self.store.session() as session:
+            return set(session.execute(select(Person.name, FaceRow.source_sha256).join(FaceRow)
+                                       .where(FaceRow.engine == engine_name)).all())
+
     # -- writing ----------------------------------------------------------------------------
 
     def add_faces(self, engine_name: str, engine_version: str, dim: int,
