@@ -63,12 +63,18 @@ def open_gallery(ctx: typer.Context, *, upgrade: bool = True):
                         upgrade=upgrade, index_kind=config.index_kind, vectors=config.vectors)
 
 
+def engine_name(ctx: typer.Context) -> str:
+    """The engine asked for (--engine, $JOINTFACE_ENGINE), else the default one."""
+    from jointface.engines import default_engine_name
+
+    return settings(ctx).engine or default_engine_name()
+
+
 def load_engine(ctx: typer.Context):
     from jointface.engines import get_engine
 
-    config = settings(ctx)
-    config.apply_threads()
-    return get_engine(config.engine_name())
+    settings(ctx).apply_threads()
+    return get_engine(engine_name(ctx))
 
 
 def progress_bar(description: str) -> Progress:

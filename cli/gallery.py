@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cli.common import CliError, err, handle_errors, load_engine, open_gallery, out, progress_bar, settings
+from cli.common import CliError, engine_name, err, handle_errors, load_engine, open_gallery, out, progress_bar, settings
 
 people_app = typer.Typer(help="List, inspect, rename, remove and merge people.", no_args_is_help=True)
 index_app = typer.Typer(help="Check or rebuild the vector indexes.", no_args_is_help=True)
@@ -230,7 +230,7 @@ def _engines_to_check(ctx, gallery) -> list:
     from jointface.engines import get_engine
 
     config = settings(ctx)
-    names = [config.engine] if config.engine else (gallery.engines_in_store() or [config.engine_name()])
+    names = [config.engine] if config.engine else (gallery.engines_in_store() or [engine_name(ctx)])
     return [get_engine(name) for name in names]
 
 

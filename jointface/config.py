@@ -47,11 +47,6 @@ class Settings:
             vectors=vectors or env.get("JOINTFACE_VECTORS") or None,
         )
 
-    def engine_name(self) -> str:
-        from .engines import default_engine_name
-
-        return self.engine or default_engine_name()
-
     def apply_threads(self) -> None:
         if self.threads:
             import torch
