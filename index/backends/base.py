@@ -74,6 +74,11 @@ class VectorBackend:
     # -- maintenance ------------------------------------------------------------------------
 
     def rebuild(self, engine: str, version: str, dim: int) -> int:
+        """Write the engine version's vectors afresh from the database (gallery lock held); returns how many."""
+        with self.gallery.locked():
+            return self._rebuild(engine, version, dim)
+
+    def _rebuild(self, engine: str, version: str, dim: int) -> int:
         raise NotImplementedError
 
     def check(self, engine: str, version: str):
@@ -103,3 +108,9 @@ def pad_results(rows: list[list[tuple[int, float]]], k: int) -> tuple[np.ndarray
             ids[r, c] = face_id
             sims[r, c] = sim
     return sims, ids
+
+
+def id_difference(db_ids: np.ndarray, ids: np.ndarray) -> tuple[int, int]:
+    """``(missing, extra)``: face ids of the database the backend lacks, and ids the backend has that the
+    database does not."""
+    return int(np.setdiff1d(db_ids, ids).size), int(np.setdiff1d(ids, db_ids).size)
