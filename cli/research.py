@@ -260,7 +260,7 @@ def train_v2(
     """Train the v2 joint network on teacher-labelled collections (`preprocess --all-faces`); resumes."""
     from dataclasses import replace
 
-    from jointface.train.v2 import Run, TrainConfigV2
+    from jointface.train.v2 import TrainConfigV2, run_for
 
     if not config_path.is_file():
         raise CliError(f"{config_path}: no such config file")
@@ -274,7 +274,7 @@ def train_v2(
     if "lfw" not in config.labels:
         raise CliError(f"{config_path}: its labels must include lfw (the leak guard's reference)")
     try:
-        result = Run(config).run()
+        result = run_for(config).run()
     except KeyboardInterrupt:
         raise typer.Exit(130)
     except FloatingPointError as exc:

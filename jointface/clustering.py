@@ -42,14 +42,18 @@ from .service import detect_grouped, file_sha256, resolve_threshold
 
 OPEN, NAMED, IGNORED = "open", "named", "ignored"
 
-#: Grouping methods (``--method``). Chosen by measurement: ``jointface bench cluster`` (README); on its
-#: 151-image subset run Chinese whispers tied DBSCAN for dlib and led for the joint engine, HDBSCAN trailed.
+#: Grouping methods (``--method``). Chosen by measurement, ``jointface bench cluster`` on the full protocol
+#: (benchmarks/results/cluster.json, README): Chinese whispers leads DBSCAN for both engines. HDBSCAN scores
+#: higher for dlib on LFW but has no similarity floor: on a small library it puts a lone face into the nearest
+#: cluster (knn_examples: alex_lacamoire's only photo joins Obama's at cosine 0.86), so it is not the default.
 METHODS = ("chinese-whispers", "dbscan", "hdbscan")
 DEFAULT_METHOD = "chinese-whispers"
-#: Cosine similarity at which two faces are linked, per engine family, from the sweep of
-#: ``jointface bench cluster`` (benchmarks/results/cluster-subset40.json: dlib peaked at 0.93, the joint
-#: engine at 0.58, 0.60 within a point of it). Rerun the full benchmark to revisit them.
-DEFAULT_THRESHOLDS = {"dlib": 0.93, "dlib-cnn": 0.93, "jointface": 0.60, "jointface-flip": 0.60}
+#: Cosine similarity at which two faces are linked, per engine family: the peak of pairwise F1 in the
+#: Chinese-whispers sweep of the full ``jointface bench cluster`` (benchmarks/results/cluster_f1.png). dlib: 0.95
+#: (0.93, chosen on a 151-image subset, merges 239 faces of many people into one cluster on the full set).
+#: jointface: 0.94 for the JointNet v2 weights (0.60 was v1's; at 0.60 v2 puts nearly every face in 5
+#: clusters). Weights given as jointface@PATH use the shipped weights' value: measure them with the benchmark.
+DEFAULT_THRESHOLDS = {"dlib": 0.95, "dlib-cnn": 0.95, "jointface": 0.94, "jointface-flip": 0.94}
 #: HDBSCAN's ``min_samples`` (its threshold-free method has this one knob besides the cluster size).
 HDBSCAN_MIN_SAMPLES = 1
 HDBSCAN_BRUTE_UP_TO = 8000

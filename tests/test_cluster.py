@@ -17,8 +17,9 @@ from PIL import Image
 
 from index import Gallery
 from jointface.bench.cluster import bcubed_scores, pairwise_scores, score_labels
-from jointface.clustering import (ClusterError, cluster_detail, cluster_embeddings, ignore_cluster, list_clusters,
-                                  merge_clusters, name_cluster, recluster, scan, split_cluster)
+from jointface.clustering import (DEFAULT_METHOD, ClusterError, cluster_detail, cluster_embeddings, default_threshold,
+                                  ignore_cluster, list_clusters, merge_clusters, name_cluster, recluster, scan,
+                                  split_cluster)
 from jointface.engines import Engine, Face, l2_normalise
 
 PEOPLE = ("alex_lacamoire", "biden", "kit_harington", "obama", "rose_leslie")
@@ -342,6 +343,21 @@ def test_deleted_photo_and_bad_inputs_give_clear_messages(library, run_cli, tmp_
     result = run_cli("clusters", "list", home=broken)
     assert result.returncode == 1 and "cannot open database" in result.stderr
     assert (broken / "jointface.db").read_bytes() == b"garbage" * 100
+
+
+def test_default_thresholds_are_the_measured_peaks(dlib_engine):
+    """Each engine's clustering threshold is the pairwise-F1 peak of the default method in the committed full
+    benchmark, measured with the engine version in use: new weights need `jointface bench cluster` again (v1's
+    0.60, kept after the v2 weights shipped, put nearly all of v2's faces in five clusters)."""
+    from jointface.engines.joint_engine import default_weights_path, load_weights
+
+    result = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cluster.json").read_text())
+    assert result["config"]["subset"] is None  # the full protocol, not a quick run
+    versions = {"dlib": dlib_engine.version, "jointface": load_weights(default_weights_path())[1]}
+    for engine, version in versions.items():
+        assert result["engines"][engine]["version"] == version, f"{engine}: run `jointface bench cluster` again"
+        peak = max(result["sweeps"][engine][DEFAULT_METHOD], key=lambda row: row["pairwise_f1"])
+        assert default_threshold(engine) == pytest.approx(peak["parameter"]), engine
 
 
 def test_bench_cluster_quick_run(tmp_path, lfw_dir, dlib_engine):

@@ -202,3 +202,78 @@ def test_a_second_run_on_one_folder_is_refused(tmp_path, lfw_dir, one_torch_thre
     with FileLock(str(tmp_path / "run" / "run.lock")):
         with pytest.raises(RuntimeError, match="in use by another training run"):
             run.run()
+
+
+# ----------------------------------------------------------------------------- the identity branch on face crops
+def test_crop_batches_are_deterministic_and_keep_the_face_in_the_canvas(tmp_path, lfw_dir):
+    from jointface.datasets.build import PhotoLoader, build_training_set
+    from jointface.train.crops import CropSettings, build_bank, crop_batch
+
+    data = build_training_set(_labels(tmp_path, lfw_dir))
+    settings = CropSettings(face_low=40, face_high=60, context=1.75, bank_face=50, bank_context=2.0)
+    bank = build_bank(data.train, PhotoLoader(), settings, tmp_path / "bank")
+    assert len(bank) == 8 and bank.images.shape == (8, 100, 100, 3)
+    # the bank face is bank_face px wide, centred
+    widths = np.maximum(bank.boxes[:, 2] - bank.boxes[:, 0], bank.boxes[:, 3] - bank.boxes[:, 1])
+    assert np.allclose(widths, 50, atol=0.01)
+    assert np.allclose((bank.boxes[:, :2] + bank.boxes[:, 2:]) / 2, 50, atol=0.01)
+    assert build_bank(data.train, PhotoLoader(), settings, tmp_path / "bank").images.filename  # reopened
+    first, boxes, chosen = crop_batch(bank, settings, 6, seed=3, step=7)
+    again, boxes_again, chosen_again = crop_batch(bank, settings, 6, seed=3, step=7)
+    assert np.array_equal(first, again) and np.array_equal(boxes, boxes_again)
+    assert np.array_equal(chosen, chosen_again)
+    size = first.shape[1]
+    assert size % 16 == 0 and 40 * 1.75 <= size <= 60 * 1.75 + 16
+    width = boxes[:, 2] - boxes[:, 0]
+    assert np.all(width > 40 * 0.85) and np.all(width < 60 * 1.15)
+    assert np.all(boxes[:, :2] >= 0) and np.all(boxes[:, 2:] <= size)
+    # the photo's pixels are in the face box, not the pad colour
+    x1, y1, x2, y2 = boxes[0].astype(int)
+    assert first[0, y1:y2, x1:x2].std() > 10
+
+
+def test_identity_crops_run_trains_only_the_identity_branch_and_a_joint_run_starts_from_it(
+        tmp_path, lfw_dir, one_torch_thread):
+    from jointface.train.v2 import Run, TrainConfigV2, run_for
+
+    labels = _labels(tmp_path, lfw_dir)
+    tiny = dict(labels=labels, backbone="resnet_tiny", input_size=64, fpn_channels=16, identity_channels=16,
+                embedding_dim=16, roi_size=4, batch_size=2, warmup_steps=1, checkpoint_every=1, log_every=1,
+                validate_every=0, anchor_sample_images=20, num_threads=1, progress=False)
+    joint = Run(TrainConfigV2(out_dir=str(tmp_path / "joint"), max_steps=1, **tiny))
+    joint.run()
+    reference = tmp_path / "joint" / "jointface.pt"
+    crops = run_for(TrainConfigV2(mode="identity-crops", out_dir=str(tmp_path / "crops"), max_steps=2,
+                                  anchors_from=str(reference), init_state=[[str(reference), ["backbone."]]],
+                                  crops={"face_low": 20, "face_high": 30, "bank_face": 24}, **tiny))
+    assert type(crops).__name__ == "CropRun"
+    assert crops.model.record.anchor_sizes == joint.model.record.anchor_sizes
+    before = {k: v.clone() for k, v in crops.model.state_dict().items()}
+    assert crops.run()["step"] == 2
+    after = crops.model.state_dict()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert "identity" in changed and "heads" not in changed  # detection untouched
+    # a joint run takes the identity branch from the crops run and the detection heads from the joint one
+    crop_weights = tmp_path / "crops" / "jointface.pt"
+    start = Run(TrainConfigV2(out_dir=str(tmp_path / "joint2"), max_steps=1, anchors_from=str(reference),
+                              init_state=[[str(reference), ["heads."]],
+                                          [str(crop_weights), ["backbone.", "identity.", "margin."]]], **tiny))
+    crop_state = torch.load(crop_weights, weights_only=True)["state_dict"]
+    joint_state = torch.load(reference, weights_only=True)["state_dict"]
+    mine = start.model.state_dict()
+    assert torch.allclose(mine["identity.fc.weight"], crop_state["identity.fc.weight"].float())
+    assert torch.allclose(mine["heads.0.0.weight"], joint_state["heads.0.0.weight"].float())
+    bad = TrainConfigV2(mode="crops", out_dir=str(tmp_path / "x"), **tiny)
+    with pytest.raises(ValueError, match="unknown mode"):
+        run_for(bad)
+
+
+def test_multi_scale_canvases_alternate_by_step(tmp_path, lfw_dir, one_torch_thread):
+    from jointface.train.v2 import Run, TrainConfigV2
+
+    run = Run(TrainConfigV2(labels=_labels(tmp_path, lfw_dir), out_dir=str(tmp_path / "run"), backbone="resnet_tiny",
+                            input_size=64, canvas_sizes=[64, 96], fpn_channels=16, identity_channels=16,
+                            embedding_dim=16, roi_size=4, batch_size=2, max_steps=2, warmup_steps=1,
+                            validate_every=0, anchor_sample_images=20, num_threads=1, progress=False))
+    assert [run.batch(step)[0].shape[1] for step in range(4)] == [64, 96, 64, 96]
+    assert run.run()["step"] == 2

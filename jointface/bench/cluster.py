@@ -40,8 +40,10 @@ from .protocols import LabelledImage, p2_split
 
 #: How many one-image people (sorted by name) join the clustered images.
 SINGLETONS = 1000
-#: Cosine similarity thresholds swept for Chinese whispers and DBSCAN.
-THRESHOLDS = tuple(round(float(t), 2) for t in np.arange(0.40, 0.995, 0.01))
+#: Cosine similarity thresholds swept for Chinese whispers and DBSCAN: every 0.01 from 0.40, every 0.005 from
+#: 0.90 (both engines' F1 rises and falls within a few hundredths there).
+THRESHOLDS = tuple(sorted({round(float(t), 3) for t in np.arange(0.40, 0.9, 0.01)}
+                          | {round(float(t), 3) for t in np.arange(0.90, 0.9951, 0.005)}))
 #: HDBSCAN's min_samples values swept (min_cluster_size is 2).
 HDBSCAN_MIN_SAMPLES = (1, 2, 3, 5, 8)
 #: Photos in the uncached speed sample.

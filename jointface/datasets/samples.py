@@ -122,6 +122,17 @@ def paste(canvas: np.ndarray, image: np.ndarray, scale: float, offset_x: float, 
         canvas[cy1:cy2, cx1:cx2] = scaled[cy1 - top:cy2 - top, cx1 - left:cx2 - left]
 
 
+def colour_jitter(canvas: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Brightness, contrast-like gain and per-channel colour changes of up to ``strength``; 10% grey."""
+    gain = 1.0 + rng.uniform(-strength, strength)
+    bias = rng.uniform(-strength, strength) * 40
+    channel = 1.0 + rng.uniform(-strength / 2, strength / 2, size=3)
+    out = canvas.astype(np.float32) * gain * channel + bias
+    if rng.uniform() < 0.1:  # some grey photos
+        out = out.mean(axis=2, keepdims=True).repeat(3, axis=2)
+    return out.clip(0, 255).astype(np.uint8)
+
+
 def transform_box(box, scale: float, offset_x: float, offset_y: float) -> tuple[float, float, float, float]:
     return (box[0] * scale + offset_x, box[1] * scale + offset_y, box[2] * scale + offset_x,
             box[3] * scale + offset_y)
@@ -253,14 +264,7 @@ class SampleComposer:
         return self._sample(canvas, placed, kind)
 
     def _jitter(self, canvas: np.ndarray, rng) -> np.ndarray:
-        strength = self.settings.colour_jitter
-        gain = 1.0 + rng.uniform(-strength, strength)
-        bias = rng.uniform(-strength, strength) * 40
-        channel = 1.0 + rng.uniform(-strength / 2, strength / 2, size=3)
-        out = canvas.astype(np.float32) * gain * channel + bias
-        if rng.uniform() < 0.1:  # some grey photos
-            out = out.mean(axis=2, keepdims=True).repeat(3, axis=2)
-        return out.clip(0, 255).astype(np.uint8)
+        return colour_jitter(canvas, rng, self.settings.colour_jitter)
 
     def _sample(self, canvas: np.ndarray, placed, kind: str) -> Sample:
         count = len(placed)

@@ -335,6 +335,32 @@ def relational_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tenso
     return (student_sim - teacher_sim)[off].pow(2).mean()
 
 
+def identity_losses(embeddings: torch.Tensor, teachers: torch.Tensor, teacher_valid: torch.Tensor,
+                    identities: torch.Tensor, teacher_mean: torch.Tensor, margin_head: nn.Module | None = None,
+                    teacher_projection: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The identity terms of :func:`losses_v2` (unit ``(K, D)`` embeddings of ``K`` faces):
+    ``distill``, ``relational`` and, with a margin head, ``identity_margin``."""
+    zero = lambda tensor: tensor.sum() * 0.0  # noqa: E731 - an exact 0 in the graph
+    losses = {}
+    if bool(teacher_valid.any()):
+        target = F.normalize(teachers[teacher_valid].float() - teacher_mean, dim=-1)
+        student = embeddings[teacher_valid]
+        if teacher_projection is not None:
+            student = F.normalize(teacher_projection(student), dim=-1)
+        losses["distill"] = (1.0 - (student * target).sum(-1)).mean()
+        losses["relational"] = relational_loss(student, target)
+    else:
+        losses["distill"] = losses["relational"] = zero(embeddings)
+    if margin_head is not None:
+        known = identities >= 0
+        if bool(known.any()):
+            logits = margin_head(embeddings[known], identities[known])
+            losses["identity_margin"] = F.cross_entropy(logits, identities[known])
+        else:
+            losses["identity_margin"] = zero(embeddings) + zero(margin_head.weight)
+    return losses
+
+
 def losses_v2(detections: DetectionsV2, matched: MatchedV2, embeddings: torch.Tensor, teachers: torch.Tensor,
               teacher_valid: torch.Tensor, identities: torch.Tensor, teacher_mean: torch.Tensor,
               margin_head: nn.Module | None = None, box_beta: float = 0.1,
@@ -355,22 +381,8 @@ def losses_v2(detections: DetectionsV2, matched: MatchedV2, embeddings: torch.Te
               + zero(box_raw)}
     confidence = F.binary_cross_entropy_with_logits(face_logits, matched.objectness, reduction="none")
     losses["confidence"] = (confidence * matched.confidence_weight).sum() / faces
-    if bool(teacher_valid.any()):
-        target = F.normalize(teachers[teacher_valid].float() - teacher_mean, dim=-1)
-        student = embeddings[teacher_valid]
-        if teacher_projection is not None:
-            student = F.normalize(teacher_projection(student), dim=-1)
-        losses["distill"] = (1.0 - (student * target).sum(-1)).mean()
-        losses["relational"] = relational_loss(student, target)
-    else:
-        losses["distill"] = losses["relational"] = zero(embeddings)
-    if margin_head is not None:
-        known = identities >= 0
-        if bool(known.any()):
-            logits = margin_head(embeddings[known], identities[known])
-            losses["identity_margin"] = F.cross_entropy(logits, identities[known])
-        else:
-            losses["identity_margin"] = zero(embeddings) + zero(margin_head.weight)
+    losses.update(identity_losses(embeddings, teachers, teacher_valid, identities, teacher_mean, margin_head,
+                                  teacher_projection))
     return losses
 
 

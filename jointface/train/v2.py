@@ -51,8 +51,15 @@ class TrainConfigV2:
     limits: dict[str, int] = field(default_factory=dict)   # at most this many photos of a collection
     out_dir: str = ""
     init_weights: str | None = None       # a JointFace weights file whose backbone starts this network
+    #: then, in order, ``[path, [prefixes]]``: tensors of a v2 weights file (or checkpoint) whose names start with
+    #: one of the prefixes (``margin.`` for the margin head's class weights) replace the network's, when shapes match
+    init_state: list = field(default_factory=list)
+    anchors_from: str | None = None       # a v2 weights file whose anchors this network takes (no k-means)
     backbone: str = "resnet18"
     input_size: int = 224
+    #: multi-scale training: the canvas side of step ``s`` is ``canvas_sizes[s % len]`` (default: input_size
+    #: only); larger canvases teach larger faces in pixels (close-ups once a photo is scaled to the input)
+    canvas_sizes: list = field(default_factory=list)
     fpn_channels: int = 128
     identity_channels: int = 128
     embedding_dim: int = 128
@@ -88,6 +95,10 @@ class TrainConfigV2:
     p2proxy_people: int = 300
     progress: bool = True
     notes: str = ""                       # free text kept with the run (what this stage changed, and why)
+    #: ``joint``: whole photos, every loss (:class:`Run`); ``identity-crops``: the identity branch alone on face
+    #: crops, detection untouched (:class:`jointface.train.crops.CropRun`, issue 15's ceiling check)
+    mode: str = "joint"
+    crops: dict = field(default_factory=dict)   # CropRun settings (see jointface.train.crops.CropSettings)
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfigV2":
@@ -98,8 +109,8 @@ class TrainConfigV2:
         return cls(**values)
 
 
-def composer_settings(config: TrainConfigV2) -> ComposerSettings:
-    return ComposerSettings(size=config.input_size, mosaic_probability=config.mosaic_probability,
+def composer_settings(config: TrainConfigV2, size: int | None = None) -> ComposerSettings:
+    return ComposerSettings(size=size or config.input_size, mosaic_probability=config.mosaic_probability,
                             negative_probability=config.negative_probability,
                             identity_min_face=config.identity_min_face,
                             face_range=(config.face_range_low, config.face_range_high),
@@ -140,6 +151,39 @@ def backbone_from_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not backbone:
         raise ValueError(f"{path}: no backbone tensors in it")
     return backbone
+
+
+def v2_state(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(record, network tensors, margin-head tensors)`` of a v2 weights file or training checkpoint, float32."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if "record" not in payload or payload["record"].get("architecture") != "v2":
+        raise ValueError(f"{path}: not a v2 weights file or checkpoint")
+    state = payload.get("state_dict") or payload.get("model") or {}
+    margin = payload.get("identity_heads") or {}
+    if payload.get("margin_head"):
+        margin = {f"margin.{k}": v for k, v in payload["margin_head"].items()}
+    as_float = lambda tensors: {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}  # noqa: E731
+    return payload["record"], as_float(state), as_float(margin)
+
+
+def load_parts(model: nn.Module, margin_head: nn.Module | None, parts: list) -> list[str]:
+    """Apply ``init_state`` (see :class:`TrainConfigV2`); returns a line per part saying what was taken."""
+    said = []
+    for path, prefixes in parts:
+        _, state, margin = v2_state(path)
+        own = model.state_dict()
+        taken = {k: v for k, v in state.items() if k.startswith(tuple(prefixes)) and k in own
+                 and own[k].shape == v.shape}
+        model.load_state_dict(taken, strict=False)
+        line = f"{path}: {len(taken)} network tensors ({', '.join(prefixes)})"
+        weight = margin.get("margin.weight")
+        if margin_head is not None and "margin." in prefixes and weight is not None \
+                and weight.shape == margin_head.weight.shape:
+            with torch.no_grad():
+                margin_head.weight.copy_(weight)
+            line += " and the margin head"
+        said.append(line)
+    return said
 
 
 # ----------------------------------------------------------------------------- validation
@@ -240,7 +284,7 @@ def plot_curves(out_dir: Path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     if steps:
         x = [int(r["step"]) for r in steps]
-        for name in [k for k in steps[0] if k not in ("step", "seconds", "lr", "total")]:
+        for name in [k for k in steps[0] if k not in ("step", "seconds", "lr", "total", "face_px")]:
             values = [float(r[name]) for r in steps]
             window = 10
             smooth = [np.mean(values[max(0, i - window):i + 1]) for i in range(len(values))]
@@ -288,12 +332,16 @@ class Run:
         self.data.counts["left_out_unlabelled"] = sorted(set(config.labels) - set(labels))
         self.loader = PhotoLoader()
         self.composer = SampleComposer(self.data.train, self.loader, composer_settings(config), seed=config.seed)
+        self.composers = {size: SampleComposer(self.data.train, self.loader, composer_settings(config, size),
+                                               seed=config.seed) for size in config.canvas_sizes}
         self.teacher_mean = self.data.teacher_mean()
         self.proxy = p2_proxy_set(config.labels["lfw"], config.p2proxy_people) if config.validate_every else []
         self.step = 0
         self._build()
 
     def _anchors(self) -> list[list[list[float]]]:
+        if self.config.anchors_from:
+            return v2_state(self.config.anchors_from)[0]["anchor_sizes"]
         sizes = []
         for index in range(self.config.anchor_sample_images):
             sample = self.composer.compose(10_000_000 + index)
@@ -321,9 +369,13 @@ class Run:
                             if config.margin_kind != "none" and self.data.class_names else None)
         if resume is None and config.init_weights:
             self.model.backbone.load_state_dict(backbone_from_weights(config.init_weights))
+        if resume is None and config.init_state:
+            for line in load_parts(self.model, self.margin_head, config.init_state):
+                print(f"init: {line}", flush=True)
         if config.frozen_stages:
-            if not config.init_weights:
-                raise ValueError("frozen_stages needs init_weights: a backbone trained from scratch must learn")
+            if not (config.init_weights or config.init_state):
+                raise ValueError("frozen_stages needs init_weights or init_state: a backbone trained from scratch "
+                                 "must learn")
             self.model.frozen_stages = int(config.frozen_stages)
         frozen = {"conv1", "bn1", *(f"layer{i}" for i in range(1, config.frozen_stages + 1))} \
             if config.frozen_stages else set()
@@ -332,7 +384,7 @@ class Run:
         rest = [p for p in self.model.parameters() if id(p) not in backbone_ids]
         if self.margin_head is not None:
             rest += list(self.margin_head.parameters())
-        factor = config.backbone_lr_factor if config.init_weights else 1.0
+        factor = config.backbone_lr_factor if (config.init_weights or config.init_state) else 1.0
         self.optimizer = torch.optim.AdamW([{"params": backbone, "lr": config.lr * factor},
                                             {"params": rest, "lr": config.lr}], weight_decay=config.weight_decay)
         warmup, total = config.warmup_steps, config.max_steps
@@ -362,7 +414,10 @@ class Run:
 
     def batch(self, step: int):
         size = self.config.batch_size
-        return collate([self.composer.compose(step * size + i) for i in range(size)])
+        composer = self.composer
+        if self.composers:
+            composer = self.composers[self.config.canvas_sizes[step % len(self.config.canvas_sizes)]]
+        return collate([composer.compose(step * size + i) for i in range(size)])
 
     def train_step(self) -> dict[str, float]:
         config = self.config
@@ -462,6 +517,17 @@ class Run:
         return {"step": self.step, "seconds": round(time.monotonic() - started, 1), **metrics}
 
 
+def run_for(config: TrainConfigV2) -> Run:
+    """The run a config's ``mode`` asks for."""
+    if config.mode == "joint":
+        return Run(config)
+    if config.mode == "identity-crops":
+        from jointface.train.crops import CropRun
+
+        return CropRun(config)
+    raise ValueError(f"unknown mode {config.mode!r} (joint or identity-crops)")
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -472,7 +538,7 @@ def main(argv: list[str] | None = None) -> None:
     config = TrainConfigV2.load(args.config)
     if args.max_steps:
         config.max_steps = args.max_steps
-    print(json.dumps(Run(config).run(), indent=2))
+    print(json.dumps(run_for(config).run(), indent=2))
 
 
 if __name__ == "__main__":
