@@ -1,46 +1,31 @@
 """``jointface cluster`` and ``jointface clusters ...``: group a photo library's faces, then name the groups.
 
-Registered on the main app by :func:`register` (see ``cli/app.py``). The
-work is done by :mod:`jointface.clustering`; this module parses and prints.
+Registered on the main app in ``cli/app.py``. The work is done by
+:mod:`jointface.clustering`; this module parses and prints.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from cli.common import CliError, err, handle_errors, load_engine, open_gallery, out, progress_bar, settings
+
 clusters_app = typer.Typer(help="Look at the clusters `jointface cluster` found; name, merge, split or ignore them.",
                            no_args_is_help=True)
 
 
-def _base():
-    import cli.app
-
-    return cli.app
-
-
-def handle_errors(func):
-    """``cli.app.handle_errors``, looked up when called (``cli.app`` imports this module)."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        return _base().handle_errors(func)(*args, **kwargs)
-
-    return wrapper
-
-
 def _engine_for(ctx: typer.Context, name: str | None):
-    base = _base()
     if name:
-        ctx.obj = dataclasses.replace(base.settings(ctx), engine=name)
-    return base.load_engine(ctx)
+        ctx.obj = dataclasses.replace(settings(ctx), engine=name)
+    return load_engine(ctx)
 
 
+@handle_errors
 def cluster(
     ctx: typer.Context,
     photos: list[Path] = typer.Argument(..., help="Photos or folders of photos (searched recursively)."),
@@ -61,7 +46,6 @@ def cluster(
     from jointface.clustering import DEFAULT_METHOD, METHODS, matching_threshold, recluster, scan
     from jointface.imageio import list_images
 
-    base = _base()
     method = method or DEFAULT_METHOD
     if method not in METHODS:
         raise typer.BadParameter(f"unknown method {method!r}; choose one of {', '.join(METHODS)}",
@@ -70,11 +54,11 @@ def cluster(
         raise typer.BadParameter("a cosine similarity lies between -1 and 1", param_hint="--threshold")
     paths = list_images(photos)
     if not paths:
-        raise base.CliError("no images found in the given folders")
+        raise CliError("no images found in the given folders")
     engine = _engine_for(ctx, engine_name)
     failed = []
-    with base.open_gallery(ctx) as gallery:
-        with base.progress_bar("finding faces") as progress:
+    with open_gallery(ctx) as gallery:
+        with progress_bar("finding faces") as progress:
             task = progress.add_task("finding faces", total=len(paths), current="")
             done = [0]
 
@@ -83,18 +67,18 @@ def cluster(
                 progress.update(task, advance=1, current=outcome.path.name)
                 if outcome.status == "failed":
                     failed.append(outcome.message)
-                    base.err.print(f"failed: {outcome.message}", markup=False)
-                if not base.err.is_terminal and done[0] % 500 == 0:
-                    base.err.print(f"finding faces: {done[0]}/{len(paths)}", markup=False)
+                    err.print(f"failed: {outcome.message}", markup=False)
+                if not err.is_terminal and done[0] % 500 == 0:
+                    err.print(f"finding faces: {done[0]}/{len(paths)}", markup=False)
 
             try:
                 report = scan(gallery, engine, paths, batch_size=batch_size, on_progress=on_progress)
             except KeyboardInterrupt:
-                base.err.print(f"interrupted after {done[0]} of {len(paths)} photos; the photos done are saved: "
+                err.print(f"interrupted after {done[0]} of {len(paths)} photos; the photos done are saved: "
                                "run the same command again to go on", markup=False)
                 raise typer.Exit(130)
         chosen = matching_threshold(gallery, engine)
-        base.err.print(f"grouping the library's faces ({engine.name}) ...", markup=False)
+        err.print(f"grouping the library's faces ({engine.name}) ...", markup=False)
         summary = recluster(gallery, engine.name, engine.version, method=method, threshold=threshold,
                             min_faces=min_faces, match_threshold=chosen.value)
     result = {"engine": engine.name, "photos": len(paths), "scanned": report.count("scanned"),
@@ -105,10 +89,10 @@ def cluster(
               "method": summary.method, "threshold": summary.threshold, "min_faces": summary.min_faces,
               "match_threshold": chosen.value, "errors": failed}
     if as_json:
-        base.out.print(json.dumps(result, ensure_ascii=False), markup=False)
+        out.print(json.dumps(result, ensure_ascii=False), markup=False)
     else:
         threshold_text = "" if summary.threshold is None else f" at similarity {summary.threshold:.3f}"
-        base.out.print(
+        out.print(
             f"{len(paths)} photos: {result['scanned']} scanned, {result['already_seen']} seen before, "
             f"{result['failed']} failed; {report.faces_found} new faces.\n"
             f"library ({engine.name}): {summary.faces} faces in {summary.clusters} clusters "
@@ -122,11 +106,10 @@ def cluster(
 
 
 def _print_cluster_line(info) -> None:
-    base = _base()
     rep = info.representative
     who = info.person or (f"nearest: {info.nearest[0]} {info.nearest[1]:.3f}" if info.nearest else "nearest: -")
     box = ", ".join(f"{v:.0f}" for v in rep.box)
-    base.out.print(f"#{info.id} {info.status} {info.engine}: {info.size} faces; {who}; representative "
+    out.print(f"#{info.id} {info.status} {info.engine}: {info.size} faces; {who}; representative "
                    f"{rep.path} [{box}]", markup=False)
 
 
@@ -134,15 +117,14 @@ def _write_sheets(gallery, infos, sheet: Path) -> int:
     """Write one contact sheet per cluster; returns how many photos were missing."""
     from jointface.clustering import cluster_detail, write_contact_sheet
 
-    base = _base()
     problems: list[str] = []
     for info in infos:
         detail = info if info.faces else cluster_detail(gallery, info.id)
         path = sheet / f"cluster-{info.id}.png"
         problems += write_contact_sheet(detail, path)
-        base.err.print(f"contact sheet written: {path}", markup=False)
+        err.print(f"contact sheet written: {path}", markup=False)
     for problem in dict.fromkeys(problems):
-        base.err.print(f"warning: {problem}; its faces are drawn as grey tiles", markup=False)
+        err.print(f"warning: {problem}; its faces are drawn as grey tiles", markup=False)
     return len(set(problems))
 
 
@@ -157,22 +139,21 @@ def clusters_list(
     """Every cluster, largest first: size, status or person, nearest enrolled person, a representative face."""
     from jointface.clustering import library_counts, list_clusters
 
-    base = _base()
-    engine_name = base.settings(ctx).engine
-    with base.open_gallery(ctx) as gallery:
+    engine_name = settings(ctx).engine
+    with open_gallery(ctx) as gallery:
         infos = list_clusters(gallery, engine_name, include_ignored=include_ignored)
         counts = library_counts(gallery, engine_name)
         missing = _write_sheets(gallery, infos, sheet) if sheet is not None else 0
     if as_json:
         for info in infos:
-            base.out.print(json.dumps(info.to_json(), ensure_ascii=False), markup=False)
+            out.print(json.dumps(info.to_json(), ensure_ascii=False), markup=False)
     elif not infos:
-        base.out.print("no clusters yet: run `jointface cluster PHOTOS...`" if not counts.faces else
+        out.print("no clusters yet: run `jointface cluster PHOTOS...`" if not counts.faces else
                        f"no clusters among {counts.faces} faces ({counts.unclustered} unclustered)", markup=False)
     else:
         for info in infos:
             _print_cluster_line(info)
-        base.out.print(f"{len(infos)} clusters; {counts.faces} faces in {counts.photos} photos, "
+        out.print(f"{len(infos)} clusters; {counts.faces} faces in {counts.photos} photos, "
                        f"{counts.unclustered} unclustered", markup=False)
     if missing:
         raise typer.Exit(1)
@@ -189,18 +170,17 @@ def clusters_show(
     """One cluster's faces (nearest its centre first); --sheet DIR draws them."""
     from jointface.clustering import cluster_detail
 
-    base = _base()
-    with base.open_gallery(ctx) as gallery:
+    with open_gallery(ctx) as gallery:
         info = cluster_detail(gallery, cluster_id)
         missing = _write_sheets(gallery, [info], sheet) if sheet is not None else 0
     if as_json:
-        base.out.print(json.dumps(info.to_json(with_faces=True), ensure_ascii=False), markup=False)
+        out.print(json.dumps(info.to_json(with_faces=True), ensure_ascii=False), markup=False)
     else:
         _print_cluster_line(info)
         for face in info.faces:
             box = ", ".join(f"{v:.0f}" for v in face.box)
             gone = "" if Path(face.path).exists() else " (photo no longer on disk)"
-            base.out.print(f"  face {face.id}: {face.path} [{box}] similarity to centre "
+            out.print(f"  face {face.id}: {face.path} [{box}] similarity to centre "
                            f"{face.similarity_to_centre:.3f}{gone}", markup=False)
     if missing:
         raise typer.Exit(1)
@@ -226,14 +206,13 @@ def clusters_name(ctx: typer.Context, cluster_id: int = typer.Argument(..., meta
     """Enrol the cluster's faces for NAME (a new or existing person); faces already enrolled are skipped."""
     from jointface.clustering import name_cluster
 
-    base = _base()
-    with base.open_gallery(ctx) as gallery:
+    with open_gallery(ctx) as gallery:
         engine = _cluster_engine(ctx, gallery, cluster_id)
         report = name_cluster(gallery, cluster_id, name, engine)
     for path in report.missing_photos:
-        base.err.print(f"note: {path}: photo no longer on disk; its face was enrolled from the stored embedding",
+        err.print(f"note: {path}: photo no longer on disk; its face was enrolled from the stored embedding",
                        markup=False)
-    base.err.print(f"cluster {report.cluster_id} named {report.person}: {report.enrolled} faces enrolled, "
+    err.print(f"cluster {report.cluster_id} named {report.person}: {report.enrolled} faces enrolled, "
                    f"{report.skipped} already enrolled", markup=False)
 
 
@@ -245,14 +224,13 @@ def clusters_merge(ctx: typer.Context, into: int = typer.Argument(..., metavar="
     from index.models import FaceCluster
     from jointface.clustering import NAMED, merge_clusters
 
-    base = _base()
-    with base.open_gallery(ctx) as gallery:
+    with open_gallery(ctx) as gallery:
         with gallery.store.session() as session:
             named = session.query(FaceCluster).filter(FaceCluster.id.in_([into, source]),
                                                       FaceCluster.status == NAMED).count()
         engine = _cluster_engine(ctx, gallery, into) if named else None
         report = merge_clusters(gallery, into, source, engine)
-    base.err.print(f"merged cluster {source} into {into}" + (
+    err.print(f"merged cluster {source} into {into}" + (
         f" ({report.person}: {report.enrolled} faces enrolled, {report.skipped} already enrolled)" if report else ""),
         markup=False)
 
@@ -267,15 +245,14 @@ def clusters_split(ctx: typer.Context, cluster_id: int = typer.Argument(..., met
     """Re-group one open cluster more strictly (the largest part keeps the id)."""
     from jointface.clustering import split_cluster
 
-    base = _base()
-    with base.open_gallery(ctx) as gallery:
+    with open_gallery(ctx) as gallery:
         parts = split_cluster(gallery, cluster_id, threshold=threshold, min_faces=min_faces)
     if len(parts) == 1:
-        base.err.print(f"cluster {cluster_id} did not split ({parts[0][1]} faces stay together); try a higher "
+        err.print(f"cluster {cluster_id} did not split ({parts[0][1]} faces stay together); try a higher "
                        "--threshold", markup=False)
     else:
         text = ", ".join(f"#{cid} ({size} faces)" for cid, size in parts) or "no group"
-        base.err.print(f"cluster {cluster_id} split into {text}", markup=False)
+        err.print(f"cluster {cluster_id} split into {text}", markup=False)
 
 
 @clusters_app.command("ignore")
@@ -285,12 +262,6 @@ def clusters_ignore(ctx: typer.Context, cluster_id: int = typer.Argument(..., me
     """Hide a cluster of strangers (new faces that group with it are hidden too)."""
     from jointface.clustering import ignore_cluster
 
-    base = _base()
-    with base.open_gallery(ctx) as gallery:
+    with open_gallery(ctx) as gallery:
         ignore_cluster(gallery, cluster_id, undo=undo)
-    base.err.print(f"cluster {cluster_id} " + ("is open again" if undo else "ignored"), markup=False)
-
-
-def register(app: typer.Typer) -> None:
-    app.command("cluster")(handle_errors(cluster))
-    app.add_typer(clusters_app, name="clusters")
+    err.print(f"cluster {cluster_id} " + ("is open again" if undo else "ignored"), markup=False)

@@ -1,6 +1,6 @@
 """``jointface serve`` and ``jointface keys``: the HTTP service and its API keys.
 
-Registered on the main app by :func:`register` (two lines in ``cli/app.py``).
+Registered on the main app in ``cli/app.py``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cli.app import CliError, err, handle_errors, load_engine, open_gallery, out, settings
+from cli.common import CliError, err, handle_errors, load_engine, open_gallery, out, settings
 
 keys_app = typer.Typer(help="API keys of `jointface serve`: create, list, revoke.", no_args_is_help=True)
 
@@ -117,8 +117,3 @@ def serve(
     err.print(f"serving on http://{host}:{port}/ (engine {engine.name}); Ctrl-C stops", markup=False)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5, limit_concurrency=64,
                 timeout_graceful_shutdown=10, server_header=False)
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(keys_app, name="keys")
-    app.command("serve")(serve)

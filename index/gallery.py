@@ -47,6 +47,7 @@ from filelock import FileLock, Timeout
 from sqlalchemy import delete, func, select
 
 from .backends import BackendSpec, VectorBackend, make_backend, parse_backend
+from .backends.base import IndexReport
 from .errors import GalleryError, IndexCorruptError, PersonExistsError, PersonNotFoundError, StoreError
 from .models import FaceRow, GallerySetting, GalleryState, Person
 from .store import IdentityStore, sqlite_path
@@ -74,21 +75,6 @@ class NewFace:
     score: float
     source_path: str
     source_sha256: str
-
-
-@dataclass(frozen=True)
-class IndexReport:
-    engine: str
-    engine_version: str
-    db_faces: int
-    index_faces: int | None
-    db_generation: int
-    index_generation: int | None
-    problems: tuple[str, ...]
-
-    @property
-    def healthy(self) -> bool:
-        return not self.problems
 
 
 def default_db_url(home: Path) -> str:
@@ -383,6 +369,12 @@ class Gallery:
     def engines_in_store(self) -> list[str]:
         with self.store.session() as session:
             return sorted(session.scalars(select(FaceRow.engine).distinct()))
+
+    def enrolled_hashes(self, engine_name: str) -> set[tuple[str, str]]:
+        """``(person name, photo file SHA-256)`` of every face enrolled with this engine."""
+        with self.store.session() as session:
+            return set(session.execute(select(Person.name, FaceRow.source_sha256).join(FaceRow)
+                                       .where(FaceRow.engine == engine_name)).all())
 
     # -- writing ----------------------------------------------------------------------------
 

@@ -50,14 +50,10 @@ class Person(Base):
         return f"Person(id={self.id}, name={self.name!r})"
 
 
-class FaceRow(Base):
-    __tablename__ = "faces"
-    __table_args__ = (UniqueConstraint("person_id", "engine", "source_sha256", name="uq_faces_person_engine_image"),)
+class DetectedFace:
+    """What an engine found for a face, shared by ``faces`` and ``library_faces`` rows: the embedding
+    (float32 bytes, ``dim`` long), the box and the detection score."""
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    person_id: Mapped[int] = mapped_column(ForeignKey("people.id", ondelete="CASCADE", name="fk_faces_person_id_people"), index=True, nullable=False)
-    engine: Mapped[str] = mapped_column(String(64), index=True, nullable=False)
-    engine_version: Mapped[str] = mapped_column(String(128), nullable=False)
     dim: Mapped[int] = mapped_column(Integer, nullable=False)
     embedding: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     box_x1: Mapped[float] = mapped_column(Float, nullable=False)
@@ -65,11 +61,6 @@ class FaceRow(Base):
     box_x2: Mapped[float] = mapped_column(Float, nullable=False)
     box_y2: Mapped[float] = mapped_column(Float, nullable=False)
     det_score: Mapped[float] = mapped_column(Float, nullable=False)
-    source_path: Mapped[str] = mapped_column(String(4096), nullable=False)
-    source_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
-
-    person: Mapped[Person] = relationship(back_populates="faces")
 
     @property
     def vector(self) -> np.ndarray:
@@ -78,6 +69,21 @@ class FaceRow(Base):
     @property
     def box(self) -> tuple[float, float, float, float]:
         return (self.box_x1, self.box_y1, self.box_x2, self.box_y2)
+
+
+class FaceRow(DetectedFace, Base):
+    __tablename__ = "faces"
+    __table_args__ = (UniqueConstraint("person_id", "engine", "source_sha256", name="uq_faces_person_engine_image"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    person_id: Mapped[int] = mapped_column(ForeignKey("people.id", ondelete="CASCADE", name="fk_faces_person_id_people"), index=True, nullable=False)
+    engine: Mapped[str] = mapped_column(String(64), index=True, nullable=False)
+    engine_version: Mapped[str] = mapped_column(String(128), nullable=False)
+    source_path: Mapped[str] = mapped_column(String(4096), nullable=False)
+    source_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+
+    person: Mapped[Person] = relationship(back_populates="faces")
 
 
 class GalleryState(Base):
@@ -127,7 +133,7 @@ class FaceCluster(Base):
                                                  nullable=False)
 
 
-class LibraryFace(Base):
+class LibraryFace(DetectedFace, Base):
     """A face found by ``jointface cluster``: where it is, its embedding, its cluster (``None``: unclustered).
 
     ``person_id``: the enrolled person it matched (or was named as); ``face_id``: its gallery row once
@@ -142,13 +148,6 @@ class LibraryFace(Base):
         index=True, nullable=False)
     engine: Mapped[str] = mapped_column(String(64), index=True, nullable=False)
     engine_version: Mapped[str] = mapped_column(String(128), nullable=False)
-    dim: Mapped[int] = mapped_column(Integer, nullable=False)
-    embedding: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
-    box_x1: Mapped[float] = mapped_column(Float, nullable=False)
-    box_y1: Mapped[float] = mapped_column(Float, nullable=False)
-    box_x2: Mapped[float] = mapped_column(Float, nullable=False)
-    box_y2: Mapped[float] = mapped_column(Float, nullable=False)
-    det_score: Mapped[float] = mapped_column(Float, nullable=False)
     cluster_id: Mapped[int | None] = mapped_column(
         ForeignKey("face_clusters.id", ondelete="SET NULL", name="fk_library_faces_cluster_id_face_clusters"),
         index=True, nullable=True)
@@ -159,14 +158,6 @@ class LibraryFace(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
 
     photo: Mapped[LibraryPhoto] = relationship()
-
-    @property
-    def vector(self) -> np.ndarray:
-        return np.frombuffer(self.embedding, dtype=np.float32)
-
-    @property
-    def box(self) -> tuple[float, float, float, float]:
-        return (self.box_x1, self.box_y1, self.box_x2, self.box_y2)
 
 
 class GallerySetting(Base):

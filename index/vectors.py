@@ -230,15 +230,6 @@ class VectorIndex:
             ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
         return sims[:, :k], ids[:, :k]
 
-    def set_ef_search(self, ef: int) -> None:
-        if self.kind == "hnsw":
-            faiss.downcast_index(self.index.index).hnsw.efSearch = int(ef)
-
-    def set_nprobe(self, nprobe: int) -> None:
-        """Lists an ``ivf`` query scans (saved with the index); more is slower and closer to exact."""
-        if self.kind == "ivf":
-            self.index.nprobe = max(1, min(int(nprobe), int(self.index.nlist)))
-
     def memory_bytes(self) -> int:
         """Size of the serialised FAISS index (what it holds in memory, give or take)."""
         return int(faiss.serialize_index(self.index).nbytes)

@@ -22,8 +22,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-#: Default pixel budget: 50 megapixels (an 8K photo is 33 MP).
-DEFAULT_MAX_PIXELS = 50_000_000
+from jointface.config import library_settings
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 
@@ -33,14 +32,11 @@ class ImageLoadError(ValueError):
 
 
 def max_pixels() -> int:
-    """Pixel budget, overridable with ``JOINTFACE_MAX_PIXELS``."""
-    value = os.environ.get("JOINTFACE_MAX_PIXELS")
-    if value is None:
-        return DEFAULT_MAX_PIXELS
+    """Pixel budget, overridable with ``JOINTFACE_MAX_PIXELS`` (:mod:`jointface.config`)."""
     try:
-        return int(value)
+        return library_settings().max_pixels
     except ValueError as exc:
-        raise ImageLoadError(f"JOINTFACE_MAX_PIXELS must be an integer, got {value!r}") from exc
+        raise ImageLoadError(str(exc)) from exc
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -102,92 +102,116 @@ def enroll(gallery: Gallery, engine: Engine, items: Iterable[tuple[str, Path]], 
     one photo at a time). ``on_progress`` hears of each photo as it is
     settled; the report lists them in input order.
     """
-    choice = choice or ("largest" if largest else "single")
-    report = EnrollReport()
-    pending: list[tuple[EnrollOutcome, NewFace]] = []
-    to_detect: list[tuple[EnrollOutcome, str, Path, np.ndarray, str]] = []
-
-    def finish(outcome: EnrollOutcome) -> None:
-        report.outcomes.append(outcome)
-        if on_progress:
-            on_progress(outcome)
-
-    def flush() -> None:
-        if not pending:
-            return
-        face_ids = gallery.add_faces(engine.name, engine.version, engine.dim, [new for _, new in pending])
-        for (outcome, _), face_id in zip(pending, face_ids):
-            if face_id is None:
-                outcome.status, outcome.message = SKIPPED, "already enrolled for this person"
-            else:
-                outcome.status, outcome.face_id = ENROLLED, face_id
-            finish(outcome)
-        pending.clear()
-
-    # copies of a photo queued behind the same photo for the same person: settled with it
-    waiting: dict[tuple[str, str], list[EnrollOutcome]] = {}
-
-    def detect_queued() -> None:
-        found = detect_grouped(engine, [image for _, _, _, image, _ in to_detect])
-        for (outcome, person, path, _, sha), faces in zip(to_detect, found):
-            face, problem = choose_face(faces, choice)
-            copies = waiting.pop((person, sha), [])
-            if face is None:
-                known.discard((person, sha))  # not enrolled: a later copy is tried again
-                for failed in [outcome, *copies]:  # the same pixels: the same answer
-                    failed.message = problem
-                    finish(failed)
-                continue
-            for copy in copies:
-                copy.status, copy.message = SKIPPED, "already enrolled for this person"
-                finish(copy)
-            pending.append((outcome, NewFace(person=person, embedding=face.embedding, box=face.box,
-                                             score=face.score, source_path=str(path.resolve()),
-                                             source_sha256=sha)))
-            if len(pending) >= batch_size:
-                flush()
-        to_detect.clear()
-
-    known = _enrolled_hashes(gallery, engine.name)
-    in_input_order: list[EnrollOutcome] = []
+    enrolment = _Enrolment(gallery, engine, choice or ("largest" if largest else "single"), batch_size,
+                           on_progress)
     for person, path in items:
-        path = Path(path)
+        photo = enrolment.check(person, Path(path), loader)
+        if photo is None or enrolment.skip_known(photo):
+            continue
+        if len(enrolment.queued) >= max(1, detect_batch):
+            enrolment.detect()
+    enrolment.detect()
+    enrolment.commit()
+    return EnrollReport(outcomes=enrolment.outcomes)  # every one of them has been settled (and reported)
+
+
+@dataclass
+class _Photo:
+    """A photo that passed the checks, on its way to the detector."""
+
+    outcome: EnrollOutcome
+    path: Path
+    image: np.ndarray
+    sha: str
+    #: later inputs of the same file for the same person: settled with this one (same pixels, same answer)
+    copies: list[EnrollOutcome] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.outcome.person, self.sha
+
+
+class _Enrolment:
+    """One :func:`enroll` call, in stages: check -> skip known photos -> detect -> commit.
+
+    Each stage settles the outcomes it decides (:meth:`settle` tells ``on_progress``) and hands the rest on
+    through the attributes below.
+    """
+
+    def __init__(self, gallery: Gallery, engine: Engine, choice: str, batch_size: int,
+                 on_progress: Callable[[EnrollOutcome], None] | None):
+        self.gallery, self.engine, self.choice, self.batch_size = gallery, engine, choice, batch_size
+        self.on_progress = on_progress
+        self.outcomes: list[EnrollOutcome] = []  # one per input, in input order
+        self.known = gallery.enrolled_hashes(engine.name)  # (person, sha): enrolled, or on its way
+        self.queued: dict[tuple[str, str], _Photo] = {}  # waiting for the detector, in input order
+        self.to_commit: list[tuple[EnrollOutcome, NewFace]] = []  # faces found, waiting for a transaction
+
+    def settle(self, outcome: EnrollOutcome, status: str, message: str = "") -> None:
+        outcome.status, outcome.message = status, message
+        if self.on_progress:
+            self.on_progress(outcome)
+
+    def check(self, person: str, path: Path, loader: Loader) -> _Photo | None:
+        """The name and the file; ``None`` (the outcome settled as failed) when either is wrong."""
         outcome = EnrollOutcome(person=person, path=path, status=FAILED)
-        in_input_order.append(outcome)
+        self.outcomes.append(outcome)
         try:
-            person = outcome.person = validate_person_name(person)
+            outcome.person = validate_person_name(person)
             image = loader(path)
             sha = file_sha256(path)
         except (ImageLoadError, OSError, ValueError) as exc:
-            outcome.message = str(exc)
-            finish(outcome)
-            continue
-        if (person, sha) in waiting:  # the same photo is queued for detection already
-            waiting[(person, sha)].append(outcome)
-            continue
-        if (person, sha) in known:
-            outcome.status, outcome.message = SKIPPED, "already enrolled for this person"
-            finish(outcome)
-            continue
-        known.add((person, sha))
-        waiting[(person, sha)] = []
-        to_detect.append((outcome, person, path, image, sha))
-        if len(to_detect) >= max(1, detect_batch):
-            detect_queued()
-    detect_queued()
-    flush()
-    report.outcomes = in_input_order  # every one of them has been settled (and reported) by now
-    return report
+            self.settle(outcome, FAILED, str(exc))
+            return None
+        return _Photo(outcome, path, image, sha)
 
+    def skip_known(self, photo: _Photo) -> bool:
+        """True when the photo needs no detection: enrolled already (settled as skipped) or queued already
+        (it waits with that copy); else it joins the queue."""
+        if photo.key in self.queued:
+            self.queued[photo.key].copies.append(photo.outcome)
+            return True
+        if photo.key in self.known:
+            self.settle(photo.outcome, SKIPPED, "already enrolled for this person")
+            return True
+        self.known.add(photo.key)
+        self.queued[photo.key] = photo
+        return False
 
-def _enrolled_hashes(gallery: Gallery, engine_name: str) -> set[tuple[str, str]]:
-    from sqlalchemy import select
+    def detect(self) -> None:
+        """Detect the queued photos together and choose each one's face; photos without a usable face are
+        settled as failed, the faces wait for :meth:`commit` (run whenever a transaction's worth is ready)."""
+        photos = list(self.queued.values())
+        self.queued.clear()
+        found = detect_grouped(self.engine, [photo.image for photo in photos])
+        for photo, faces in zip(photos, found):
+            face, problem = choose_face(faces, self.choice)
+            if face is None:
+                self.known.discard(photo.key)  # not enrolled: a later copy is tried again
+                for failed in [photo.outcome, *photo.copies]:
+                    self.settle(failed, FAILED, problem)
+                continue
+            for copy in photo.copies:
+                self.settle(copy, SKIPPED, "already enrolled for this person")
+            self.to_commit.append((photo.outcome, NewFace(
+                person=photo.outcome.person, embedding=face.embedding, box=face.box, score=face.score,
+                source_path=str(photo.path.resolve()), source_sha256=photo.sha)))
+            if len(self.to_commit) >= self.batch_size:
+                self.commit()
 
-    from index.models import FaceRow, Person
-
-    with gallery.store.session() as session:
-        return set(session.execute(select(Person.name, FaceRow.source_sha256).join(FaceRow)
-                                   .where(FaceRow.engine == engine_name)).all())
+    def commit(self) -> None:
+        """One transaction for the faces waiting; a face the gallery holds already is settled as skipped."""
+        if not self.to_commit:
+            return
+        face_ids = self.gallery.add_faces(self.engine.name, self.engine.version, self.engine.dim,
+                                          [new for _, new in self.to_commit])
+        for (outcome, _), face_id in zip(self.to_commit, face_ids):
+            if face_id is None:
+                self.settle(outcome, SKIPPED, "already enrolled for this person")
+            else:
+                outcome.face_id = face_id
+                self.settle(outcome, ENROLLED)
+        self.to_commit.clear()
 
 
 @dataclass

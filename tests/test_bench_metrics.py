@@ -342,7 +342,7 @@ def test_markdown_table(tmp_path):
 def test_subject_face_is_the_one_nearest_the_centre():
     import numpy as np
 
-    from jointface.bench.run import best_face, subject_face
+    from jointface.bench.common import best_face, subject_face
     from jointface.engines.base import Face
 
     def face(box, score):

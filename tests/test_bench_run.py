@@ -67,7 +67,7 @@ def test_bench_p1_subset_and_readme_report(run_cli, tmp_path, lfw_dir):
     assert result.returncode == 0, result.stderr
     figures = json.loads((out / "p1.json").read_text())["figures"]["dlib"]
     from jointface.bench.protocols import p1_split
-    from jointface.bench.run import _subset
+    from jointface.bench.common import subset as _subset
 
     split = p1_split(lfw_dir)
     people = set(_subset(split.people, 3))
@@ -130,7 +130,7 @@ def test_p2_markdown_shows_training_calibration_and_transfer_per_engine():
 def test_benchmark_outputs_do_not_mark_a_run_as_uncommitted():
     """Results, the README and the weights card are the benchmarks' own output; code changes are listed."""
     from jointface.bench.report import _uncommitted
-    from jointface.bench.run import changed_sources
+    from jointface.bench.common import changed_sources
 
     porcelain = (" M README.md\n M benchmarks/results/p1.json\nM  benchmarks/results/p2_det.png\n"
                  " M jointface/weights/jointface.json\n")

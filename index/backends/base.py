@@ -18,8 +18,26 @@ the database when it is behind.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class IndexReport:
+    """What ``check_index`` found: an engine's faces in the database against its vectors."""
+
+    engine: str
+    engine_version: str
+    db_faces: int
+    index_faces: int | None
+    db_generation: int
+    index_generation: int | None
+    problems: tuple[str, ...]
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
 
 
 class VectorBackend:
@@ -56,10 +74,15 @@ class VectorBackend:
     # -- maintenance ------------------------------------------------------------------------
 
     def rebuild(self, engine: str, version: str, dim: int) -> int:
+        """Write the engine version's vectors afresh from the database (gallery lock held); returns how many."""
+        with self.gallery.locked():
+            return self._rebuild(engine, version, dim)
+
+    def _rebuild(self, engine: str, version: str, dim: int) -> int:
         raise NotImplementedError
 
     def check(self, engine: str, version: str):
-        """An :class:`index.gallery.IndexReport` comparing the backend with the database."""
+        """An :class:`IndexReport` comparing the backend with the database."""
         raise NotImplementedError
 
     def forget(self) -> None:
@@ -85,3 +108,9 @@ def pad_results(rows: list[list[tuple[int, float]]], k: int) -> tuple[np.ndarray
             ids[r, c] = face_id
             sims[r, c] = sim
     return sims, ids
+
+
+def id_difference(db_ids: np.ndarray, ids: np.ndarray) -> tuple[int, int]:
+    """``(missing, extra)``: face ids of the database the backend lacks, and ids the backend has that the
+    database does not."""
+    return int(np.setdiff1d(db_ids, ids).size), int(np.setdiff1d(ids, db_ids).size)

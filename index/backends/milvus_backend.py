@@ -29,7 +29,7 @@ import uuid
 import numpy as np
 
 from ..errors import GalleryError
-from .base import VectorBackend, pad_results, vector_key
+from .base import IndexReport, VectorBackend, id_difference, pad_results, vector_key
 
 HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 64
@@ -268,13 +268,7 @@ class MilvusBackend(VectorBackend):
         rows = [[(int(hit["id"]), float(hit["distance"])) for hit in hits] for hits in results]
         return pad_results(rows, k)
 
-    def rebuild(self, engine, version, dim):
-        with self.gallery.locked():
-            return self._rebuild(engine, version, dim)
-
     def check(self, engine, version):
-        from ..gallery import IndexReport
-
         generation, db_ids = self.gallery._db_state(engine, version)
         problems: list[str] = []
         state = self._state(engine)
@@ -300,8 +294,7 @@ class MilvusBackend(VectorBackend):
                     if index_generation != generation:
                         problems.append(f"Milvus generation {index_generation} != database generation {generation}")
                     if not np.array_equal(ids, db_ids):
-                        missing = np.setdiff1d(db_ids, ids).size
-                        extra = np.setdiff1d(ids, db_ids).size
+                        missing, extra = id_difference(db_ids, ids)
                         problems.append(f"Milvus collection and database differ: {missing} faces missing, "
                                         f"{extra} extra")
         return IndexReport(engine, version, int(len(db_ids)), index_faces, generation, index_generation,

@@ -23,7 +23,7 @@ from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError
 
 from ..errors import GalleryError
-from .base import VectorBackend, pad_results, vector_key
+from .base import IndexReport, VectorBackend, id_difference, pad_results, vector_key
 
 HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 64
@@ -174,13 +174,7 @@ class PgVectorBackend(VectorBackend):
                 rows.append([(int(i), float(s)) for i, s in connection.execute(statement, {"q": query, "k": k})])
         return pad_results(rows, k)
 
-    def rebuild(self, engine, version, dim):
-        with self.gallery.locked():
-            return self._rebuild(engine, version, dim)
-
     def check(self, engine, version):
-        from ..gallery import IndexReport
-
         generation, db_ids = self.gallery._db_state(engine, version)
         problems: list[str] = []
         index_faces = None
@@ -197,8 +191,7 @@ class PgVectorBackend(VectorBackend):
                                           dtype=np.int64))
             index_faces = (index_faces or 0) + len(ids)
             if not np.array_equal(ids, db_ids):
-                missing = np.setdiff1d(db_ids, ids).size
-                extra = np.setdiff1d(ids, db_ids).size
+                missing, extra = id_difference(db_ids, ids)
                 problems.append(f"pgvector table and faces differ: {missing} faces missing, {extra} extra")
         return IndexReport(engine, version, int(len(db_ids)), index_faces if dims else 0, generation, generation,
                            tuple(problems))

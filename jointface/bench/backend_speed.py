@@ -209,7 +209,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-    from .run import _json_default, environment
+    from .common import environment, json_default
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
@@ -231,13 +231,13 @@ def main(argv=None) -> None:
     partial = args.out / "p5_backends.partial.json"
     args.out.mkdir(parents=True, exist_ok=True)
     result = run(sizes, backends, args.db_url, args.cache, log=lambda m: print(m, flush=True),
-                 on_row=lambda figures: partial.write_text(json.dumps(figures, indent=2, default=_json_default)),
+                 on_row=lambda figures: partial.write_text(json.dumps(figures, indent=2, default=json_default)),
                  latency_queries=args.latency_queries)
     partial.unlink(missing_ok=True)
     result["environment"] = environment()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "p5_backends" + (f"-{args.tag}" if args.tag else "")
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=json_default) + "\n")
     (args.out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
 

@@ -35,6 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .common import subset
 from .protocols import LabelledImage, p2_split
 
 #: How many one-image people (sorted by name) join the clustered images.
@@ -205,12 +206,10 @@ def run_cluster(engines: Sequence, ctx, out_dir: Path | None = None) -> dict:
     from jointface.imageio import load_image
     from jointface.service import file_sha256
 
-    from .run import _subset
-
     images = cluster_split(ctx.lfw_root)
     if ctx.limit:  # a quick run keeps whole people, evenly spread
         multi = sorted({image.person for image in images[:-SINGLETONS]})
-        keep = set(_subset(multi, ctx.limit)) | set(_subset([i.person for i in images[-SINGLETONS:]], ctx.limit))
+        keep = set(subset(multi, ctx.limit)) | set(subset([i.person for i in images[-SINGLETONS:]], ctx.limit))
         images = [image for image in images if image.person in keep]
     truth_all = [image.person for image in images]
     shas = [file_sha256(image.path) for image in images]

@@ -33,7 +33,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from jointface.calibration import (_check_rate, _denominator, _score_array, fpir_at_threshold,  # noqa: F401
+from jointface.calibration import (_denominator, _score_array, fpir_at_threshold,  # noqa: F401  (re-exported)
                                    threshold_for_fpir, tpir_at_threshold)
 
 #: One probe's candidates: ``[(label, score), ...]`` best-first, or ``None`` (no face).

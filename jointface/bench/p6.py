@@ -41,11 +41,12 @@ from jointface.imageio import IMAGE_SUFFIXES, load_image, load_image_reduced
 
 from . import plots
 from .cache import ResultCache, image_key
+from .common import reference_boxes, subset
 from .metrics import box_iou_np
 from .protocols import p2_split, require_shared_data
 
 if TYPE_CHECKING:
-    from .run import BenchContext
+    from .common import BenchContext
 
 Box = tuple[float, float, float, float]
 
@@ -246,12 +247,6 @@ def cnn_reference_boxes(paths: Sequence[Path], ctx: "BenchContext") -> list[list
 # -- the protocol --------------------------------------------------------------------------
 
 
-def _subset(items, limit):
-    from .run import _subset as subset
-
-    return subset(items, limit)
-
-
 def run_p6a(engine: Engine, images: Sequence[AnnotatedImage], ctx: "BenchContext") -> dict:
     per_photo = {}
     boxes = found = false = 0
@@ -330,10 +325,8 @@ def _p6c_row(photos: int, reference_faces: int, found: int, extra: int) -> dict:
 
 def p6b_faces(ctx: "BenchContext") -> tuple[list[tuple[Path, Box]], int]:
     """P6b's faces: (path, landmark box) of the first image of the first 200 P2 people; and how many had no box."""
-    from .run import reference_boxes
-
     gallery = p2_split(ctx.lfw_root).gallery[:P6B_PEOPLE]  # one image per person, people sorted by name
-    paths = [image.path for image in _subset(gallery, ctx.limit)]
+    paths = [image.path for image in subset(gallery, ctx.limit)]
     boxes = reference_boxes(paths, ctx, load_image, stage="P6b reference boxes")
     faces = [(path, box) for path, box in zip(paths, boxes) if box is not None]
     return faces, len(paths) - len(faces)
@@ -342,9 +335,9 @@ def p6b_faces(ctx: "BenchContext") -> tuple[list[tuple[Path, Box]], int]:
 def run_p6(engines: Sequence[Engine], ctx: "BenchContext", out_dir: Path | None = None) -> dict:
     """P6a, P6b and P6c for every engine (detections through ``engines``, which may be caching wrappers)."""
     shared = require_shared_data()
-    annotated = _subset(p6a_images(shared), ctx.limit)
+    annotated = subset(p6a_images(shared), ctx.limit)
     faces, without_box = p6b_faces(ctx)
-    photos = {folder: _subset(paths, ctx.limit) for folder, paths in p6c_photos(shared).items()}
+    photos = {folder: subset(paths, ctx.limit) for folder, paths in p6c_photos(shared).items()}
     references = {folder: cnn_reference_boxes(paths, ctx) for folder, paths in photos.items()}
     figures = {}
     for engine in engines:

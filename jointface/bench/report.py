@@ -69,7 +69,7 @@ def write_weights_card(results_dir: Path) -> Path | None:
     Written only when ``p1.json`` measured exactly the shipped file (same
     version hash); :func:`jointface.engines.default_engine_name` reads it.
     """
-    from jointface.engines.joint_engine import default_weights_path, load_weights
+    from jointface.weights_file import default_weights_path, load_weights
 
     weights = default_weights_path()
     p1_path = results_dir / "p1.json"

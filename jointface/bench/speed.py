@@ -31,6 +31,7 @@ from jointface.imageio import load_image, mosaic
 from jointface.service import enroll, identify
 
 from .cache import CachingEngine
+from .common import protocol_markdown
 from .protocols import p1_split, p2_split
 
 ROUNDS = 4
@@ -199,3 +200,10 @@ def run_p4(engines: Sequence[Engine], ctx, out_dir: Path | None = None) -> dict:
             "config": {"single_images": len(singles), "mosaics": len(mosaics), "rounds": ROUNDS, "batch": BATCH,
                        "torch_threads": torch.get_num_threads(), "decode_ms_per_image": decode_ms,
                        "resize_ms_per_image": resize_ms, "subset": ctx.limit}}
+
+
+def markdown_p4(result: dict) -> str:
+    return protocol_markdown(result, ["images_per_second", "ms_per_image", "faces_per_image",
+                                      "ratio_to_dlib_2_processes"],
+                             {"images_per_second": "{:.2f}", "ms_per_image": "{:.1f}", "faces_per_image": "{:.2f}",
+                              "ratio_to_dlib_2_processes": "{:.2f}x"})

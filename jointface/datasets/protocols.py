@@ -25,6 +25,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from jointface.config import library_settings
+
 #: P1 people have at least this many images.
 P1_MIN_IMAGES = 6
 #: P1 uses the first this-many sorted images of each person.
@@ -48,11 +50,7 @@ def default_shared_data() -> Path:
     The path is returned whether or not it exists; use :func:`require_shared_data`
     to get a clear error when it is missing.
     """
-    value = os.environ.get("JOINTFACE_SHARED_DATA")
-    if value:
-        return Path(value).expanduser()
-    repo_root = Path(__file__).resolve().parents[2]
-    return repo_root.parent / "shared" / "data"
+    return library_settings().shared_data
 
 
 def require_shared_data(*parts: str) -> Path:

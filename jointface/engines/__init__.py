@@ -115,16 +115,14 @@ def default_engine_name() -> str:
     figures; :func:`default_engine_decision` reads it.
     """
     import json
-    import os
 
-    try:
-        from .joint_engine import WEIGHTS_ENV, default_weights_path
-    except ImportError:
-        return "dlib"
+    from jointface.config import library_settings
+    from jointface.weights_file import default_weights_path
+
     path = default_weights_path()
     if path is None:
         return "dlib"
-    if os.environ.get(WEIGHTS_ENV):
+    if library_settings().weights is not None:
         return "jointface"
     try:
         card = json.loads(path.with_suffix(".json").read_text())

@@ -19,64 +19,23 @@ Pipeline for an RGB uint8 ``(H, W, 3)`` image:
 
 Weights files are read with ``torch.load(weights_only=True)``: a file that
 holds pickled code, or is not a JointFace weights file (see
-:func:`jointface.train.loop.export_weights`), raises :class:`WeightsError`.
+:mod:`jointface.weights_file`), raises :class:`WeightsError`.
 ``engine_version`` is the first 12 hex digits of the file's SHA-256, so
 galleries never mix embeddings of different weights.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import pickle
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from jointface.weights_file import WeightsError, default_weights_path, load_weights
+
 from .base import Engine, Face, check_image
-
-WEIGHTS_FORMAT = "jointface-weights"
-WEIGHTS_ENV = "JOINTFACE_WEIGHTS"
-
-
-class WeightsError(ValueError):
-    """A weights file is missing, not JointFace's, or unsafe to load."""
-
-
-def default_weights_path() -> Path | None:
-    """``$JOINTFACE_WEIGHTS`` if set, else ``jointface/weights/jointface.pt`` when shipped, else None."""
-    override = os.environ.get(WEIGHTS_ENV)
-    if override:
-        return Path(override)
-    shipped = Path(__file__).resolve().parent.parent / "weights" / "jointface.pt"
-    return shipped if shipped.is_file() else None
-
-
-def load_weights(path: str | os.PathLike) -> tuple[dict, str]:
-    """Read and check a weights file; returns ``(payload, short sha256)``."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such weights file")
-    data = path.read_bytes()
-    version = hashlib.sha256(data).hexdigest()[:12]
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise WeightsError(f"{path}: refused: the file holds pickled Python objects or code, not just tensors "
-                           f"(only files written by `export_weights` are accepted)") from exc
-    except Exception as exc:  # zip/torch format errors: not a torch file at all
-        raise WeightsError(f"{path}: not a readable torch weights file ({exc.__class__.__name__}: {exc})") from exc
-    if not isinstance(payload, dict) or payload.get("format") != WEIGHTS_FORMAT:
-        raise WeightsError(f"{path}: not a JointFace weights file (no '{WEIGHTS_FORMAT}' format marker)")
-    for key in ("record", "state_dict"):
-        if key not in payload:
-            raise WeightsError(f"{path}: JointFace weights file without its {key!r} entry")
-    return payload, version
-
 
 def _classifier_from(heads: dict):
     """(weight (C, D), bias (C,) or None) of the linear classifier head, else of the margin head."""

@@ -113,5 +113,3 @@ def tiny_config(**changes) -> TrainConfig:
                        identity_heads=["classifier", "arcface", "triplet", "distill"], mosaic_probability=0.5)
     return base.replace(**changes)
 
-
-PRESETS = {"default": TrainConfig, "tiny": tiny_config}

@@ -2,7 +2,7 @@
 
 Launch with ``jointface train --nproc N ...`` (which runs ``torchrun
 --standalone --nproc_per_node N``), or ``torchrun --nproc_per_node N -m
-jointface.train ...`` yourself (several machines: torchrun's ``--nnodes``,
+cli.app train ...`` yourself (several machines: torchrun's ``--nnodes``,
 ``--rdzv-endpoint``). Each process finds its rank in the environment that
 torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
 ``MASTER_PORT``) and joins the process group: ``gloo`` on CPU, ``nccl`` on

@@ -28,14 +28,13 @@ the term (the last good checkpoint stays on disk).
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
-import pickle
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -47,6 +46,7 @@ from jointface.net.loss import check_finite, joint_losses, total_loss
 from jointface.net.matching import match_faces
 from jointface.net.model import JointNet, ModelRecord, build_identity_heads, classify, postprocess
 from jointface.net.resnet import load_torchvision_weights
+from jointface.weights_file import WEIGHTS_FORMAT, half_precision, read_torch_file, write_weights
 
 from . import distributed
 from .config import TrainConfig
@@ -54,7 +54,6 @@ from .data import (Augmentation, FaceDataset, PKBatchSampler, collate, load_clas
                    sample_box_sizes)
 
 CHECKPOINT_FORMAT = "jointface-checkpoint"
-WEIGHTS_FORMAT = "jointface-weights"
 #: Runtime settings a resumed run takes from the new config rather than the checkpoint.
 RUNTIME_FIELDS = ("epochs", "max_steps", "device", "bf16", "num_workers", "num_threads", "progress",
                   "checkpoint_every", "log_every", "validate", "validate_every", "out_dir", "data_dir",
@@ -241,25 +240,6 @@ def save_checkpoint(path: Path, *, model, heads, optimizer, scheduler, step, epo
     temporary.replace(path)  # atomic: a crash never leaves half a checkpoint
 
 
-def read_torch_file(path: str | Path, formats: tuple[str, ...]) -> dict:
-    """``torch.load(weights_only=True)`` of a JointFace file whose ``format`` is one of ``formats``.
-
-    A missing, damaged or foreign file raises ``FileNotFoundError`` or ``ValueError`` naming it.
-    """
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(f"{path}: refused: damaged, not a torch file, or holding pickled Python objects "
-                         f"beyond tensors") from exc
-    except Exception as exc:  # zip / torch format errors: damaged, or not a torch file at all
-        raise ValueError(f"{path}: not a readable torch file ({exc.__class__.__name__})") from exc
-    if not isinstance(payload, dict) or payload.get("format") not in formats:
-        raise ValueError(f"{path}: not a JointFace {' or '.join(f.replace('jointface-', '') for f in formats)} file")
-    return payload
-
-
 def load_checkpoint(path: str | Path) -> dict:
     return read_torch_file(path, (CHECKPOINT_FORMAT,))
 
@@ -325,7 +305,11 @@ def _resolve_config(config: TrainConfig, checkpoint: dict | None) -> TrainConfig
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Train (or resume) a JointNet as configured; see the module docstring. Returns where things are."""
+    """Train (or resume) a JointNet as configured; see the module docstring. Returns where things are.
+
+    Build (data, anchors, network, optimiser) -> resume (from ``out_dir``'s checkpoint) -> run epochs
+    (validating at their ends) -> export the weights.
+    """
     if not config.data_dir or not config.out_dir:
         raise ValueError("config.data_dir (output of `organize`) and config.out_dir are required")
     out_dir = Path(config.out_dir)
@@ -336,11 +320,41 @@ def train(config: TrainConfig) -> TrainResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     if context.is_main:
         config.save(out_dir / "config.json")
-    device = resolve_device(device_name)
     if config.num_threads or distributed.default_threads(context):
         torch.set_num_threads(config.num_threads or distributed.default_threads(context))
     torch.manual_seed(config.seed)
 
+    run = TrainingRun.build(config, context, resolve_device(device_name), out_dir, checkpoint)
+    if checkpoint is not None:
+        run.resume(checkpoint)
+    run.open_logs()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[status]}")]
+    with Progress(*columns, disable=not config.progress or not context.is_main) as progress:
+        task = progress.add_task("training", total=run.total_steps, completed=run.step, status="")
+        for run.epoch in range(run.epoch, config.epochs):
+            if run.stopped:
+                break
+            run.run_epoch(lambda status: progress.update(task, completed=run.step, status=status))
+            run.end_epoch(progress.console.print)
+    return run.finish()
+
+
+@dataclass
+class TrainingData:
+    """The organised data a run trains and validates on."""
+
+    class_names: list[str]
+    train_records: list
+    train_set: FaceDataset  # augmented, batched by ``sampler``
+    gallery_set: FaceDataset  # validation: the P1 train images, the nearest-embedding gallery
+    test_set: FaceDataset  # validation: the P1 test images
+    sampler: PKBatchSampler
+
+
+def load_training_data(config: TrainConfig) -> TrainingData:
     class_names = load_class_names(config.data_dir)
     train_records = load_records(config.data_dir, "train", class_names, config.box_source)
     if not config.use_extra_train_images:
@@ -357,179 +371,191 @@ def train(config: TrainConfig) -> TrainResult:
                               record_stub.mean, record_stub.std)
     test_set = FaceDataset(test_records, config.input_size, record_stub.mean, record_stub.std)
     sampler = PKBatchSampler(train_records, config.people_per_batch, config.images_per_person, config.seed)
+    return TrainingData(class_names, train_records, train_set, gallery_set, test_set, sampler)
 
-    start_from = load_start_weights(config.init_weights, class_names) if checkpoint is None and \
-        config.init_weights else None
+
+def choose_anchor_sizes(config: TrainConfig, data: TrainingData, checkpoint: dict | None,
+                        start_from: dict | None) -> list[list[float]]:
+    """The checkpoint's anchors, else those of the weights training continues from, else k-means ones."""
     if checkpoint is not None:
-        anchor_sizes = checkpoint["model_record"]["anchor_sizes"]
-    elif start_from is not None:
-        anchor_sizes = start_from["record"]["anchor_sizes"]
-        print(f"continuing from {config.init_weights} (its anchors, network and identity heads)")
-    else:
-        box_sizes = sample_box_sizes(train_set, config.anchor_sample_images, config.seed)
-        anchor_sizes = kmeans_anchors(box_sizes, config.num_anchors).tolist()
-        rounded = [[round(w), round(h)] for w, h in anchor_sizes]
-        print(f"anchors (k-means over {len(box_sizes)} augmented faces): {rounded}, "
-              f"mean best IoU {mean_best_iou(box_sizes, anchor_sizes):.3f}")
-    model, heads = build_model(config, class_names, anchor_sizes, teacher_mean_of(train_records))
-    if checkpoint is None and config.init:
-        load_torchvision_weights(config.init, model.backbone)
+        return checkpoint["model_record"]["anchor_sizes"]
     if start_from is not None:
-        model.load_state_dict(start_from["model"])
-        heads.load_state_dict(start_from["heads"])
-    model.to(device)
-    heads.to(device)
-    if config.channels_last:
-        model.to(memory_format=torch.channels_last)
-    distributed.broadcast_parameters([model, heads], context)
-    if context.is_main:
-        (out_dir / "model_record.json").write_text(json.dumps(model.record.to_dict(), indent=2) + "\n")
+        print(f"continuing from {config.init_weights} (its anchors, network and identity heads)")
+        return start_from["record"]["anchor_sizes"]
+    box_sizes = sample_box_sizes(data.train_set, config.anchor_sample_images, config.seed)
+    anchor_sizes = kmeans_anchors(box_sizes, config.num_anchors).tolist()
+    rounded = [[round(w), round(h)] for w, h in anchor_sizes]
+    print(f"anchors (k-means over {len(box_sizes)} augmented faces): {rounded}, "
+          f"mean best IoU {mean_best_iou(box_sizes, anchor_sizes):.3f}")
+    return anchor_sizes
 
-    total_steps = config.epochs * len(sampler)
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
-    optimizer = build_optimizer(config, model, heads)
-    scheduler = build_scheduler(config, optimizer, total_steps)
-    step, start_epoch, step_in_epoch, metrics = 0, 0, 0, {}
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        heads.load_state_dict(checkpoint["heads"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        step, start_epoch, step_in_epoch = checkpoint["step"], checkpoint["epoch"], checkpoint["step_in_epoch"]
-        metrics = checkpoint["metrics"]
+
+class TrainingRun:
+    """One run's network, optimiser, position (epoch, step) and logs; :func:`train` moves it on."""
+
+    def __init__(self, config: TrainConfig, context: distributed.DistContext, device: torch.device, out_dir: Path,
+                 data: TrainingData, model: JointNet, heads: nn.ModuleDict):
+        self.config, self.context, self.device, self.out_dir, self.data = config, context, device, out_dir, data
+        self.model, self.heads = model, heads
+        self.checkpoint_path = out_dir / "checkpoints" / "last.pt"
+        self.total_steps = config.epochs * len(data.sampler)
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        self.optimizer = build_optimizer(config, model, heads)
+        self.scheduler = build_scheduler(config, self.optimizer, self.total_steps)
+        self.parameters = list(model.parameters()) + list(heads.parameters())
+        self.step, self.epoch, self.step_in_epoch = 0, 0, 0
+        self.metrics: dict[str, float] = {}
+        self.last_losses: dict[str, float] = {}
+        self.epoch_losses: list[float] = []
+        self.epoch_started = time.time()
+
+    @classmethod
+    def build(cls, config: TrainConfig, context: distributed.DistContext, device: torch.device, out_dir: Path,
+              checkpoint: dict | None) -> "TrainingRun":
+        """Data, anchors, the network and its identity heads (from torchvision or JointFace weights when asked),
+        on the device and the same in every process."""
+        data = load_training_data(config)
+        start_from = load_start_weights(config.init_weights, data.class_names) if checkpoint is None and \
+            config.init_weights else None
+        anchor_sizes = choose_anchor_sizes(config, data, checkpoint, start_from)
+        model, heads = build_model(config, data.class_names, anchor_sizes, teacher_mean_of(data.train_records))
+        if checkpoint is None and config.init:
+            load_torchvision_weights(config.init, model.backbone)
+        if start_from is not None:
+            model.load_state_dict(start_from["model"])
+            heads.load_state_dict(start_from["heads"])
+        model.to(device)
+        heads.to(device)
+        if config.channels_last:
+            model.to(memory_format=torch.channels_last)
+        distributed.broadcast_parameters([model, heads], context)
+        if context.is_main:
+            (out_dir / "model_record.json").write_text(json.dumps(model.record.to_dict(), indent=2) + "\n")
+        return cls(config, context, device, out_dir, data, model, heads)
+
+    def resume(self, checkpoint: dict) -> None:
+        """Network, heads, optimiser, schedule, position, metrics and RNG states of the checkpoint."""
+        self.model.load_state_dict(checkpoint["model"])
+        self.heads.load_state_dict(checkpoint["heads"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.step, self.epoch, self.step_in_epoch = checkpoint["step"], checkpoint["epoch"], \
+            checkpoint["step_in_epoch"]
+        self.metrics = checkpoint["metrics"]
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-        print(f"resuming {checkpoint_path} at epoch {start_epoch}, step {step}")
+        print(f"resuming {self.checkpoint_path} at epoch {self.epoch}, step {self.step}")
 
-    loss_names = ["box", "confidence"] + [n for n in ("identity_ce", "identity_margin", "triplet", "distill")
-                                          if (n == "identity_ce" and "classifier" in heads) or
-                                          (n == "identity_margin" and "margin" in heads) or
-                                          (n == "triplet" and "triplet" in config.identity_heads) or
-                                          (n == "distill" and "distill" in heads)]
-    steps_log = CsvLog(out_dir / "steps.csv", ["step", "epoch", "lr", "total"] + loss_names, keep_until_step=step) \
-        if context.is_main else distributed.NullLog()
-    epochs_log = CsvLog(out_dir / "epochs.csv", ["epoch", "step", "seconds", "train_loss", "top1_classifier",
-                                                 "top1_nearest", "mean_iou", "iou_images", "no_face", "test_images"],
-                        keep_until_step=step) if context.is_main else distributed.NullLog()
-    weights = {name: config.loss_weights.get(name, 1.0) for name in loss_names}
+    def open_logs(self) -> None:
+        """The loss terms in use and their weights; the step and epoch logs, cut back to the current step."""
+        config, heads = self.config, self.heads
+        self.loss_names = ["box", "confidence"] + [
+            n for n in ("identity_ce", "identity_margin", "triplet", "distill")
+            if (n == "identity_ce" and "classifier" in heads) or (n == "identity_margin" and "margin" in heads) or
+            (n == "triplet" and "triplet" in config.identity_heads) or (n == "distill" and "distill" in heads)]
+        main = self.context.is_main
+        self.steps_log = CsvLog(self.out_dir / "steps.csv", ["step", "epoch", "lr", "total"] + self.loss_names,
+                                keep_until_step=self.step) if main else distributed.NullLog()
+        self.epochs_log = CsvLog(self.out_dir / "epochs.csv",
+                                 ["epoch", "step", "seconds", "train_loss", "top1_classifier", "top1_nearest",
+                                  "mean_iou", "iou_images", "no_face", "test_images"],
+                                 keep_until_step=self.step) if main else distributed.NullLog()
+        self.loss_weights = {name: config.loss_weights.get(name, 1.0) for name in self.loss_names}
+        self.stopped = self.step >= self.total_steps
 
-    def checkpoint_now(epoch_value: int, in_epoch: int) -> None:
-        if not context.is_main:
-            return
-        save_checkpoint(checkpoint_path, model=model, heads=heads, optimizer=optimizer, scheduler=scheduler,
-                        step=step, epoch=epoch_value, step_in_epoch=in_epoch, config=config, metrics=metrics)
+    def checkpoint(self, epoch: int, step_in_epoch: int) -> None:
+        if self.context.is_main:
+            save_checkpoint(self.checkpoint_path, model=self.model, heads=self.heads, optimizer=self.optimizer,
+                            scheduler=self.scheduler, step=self.step, epoch=epoch, step_in_epoch=step_in_epoch,
+                            config=self.config, metrics=self.metrics)
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    last_losses: dict[str, float] = {}
-    parameters = list(model.parameters()) + list(heads.parameters())
-    stopped = step >= total_steps
-    epoch = start_epoch
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-               TextColumn("{task.fields[status]}")]
-    with Progress(*columns, disable=not config.progress or not context.is_main) as progress:
-        task = progress.add_task("training", total=total_steps, completed=step, status="")
-        for epoch in range(start_epoch, config.epochs):
-            if stopped:
+    def run_epoch(self, report: Callable[[str], None]) -> None:
+        """Train on the rest of epoch :attr:`epoch`'s batches (all of them unless resumed mid-epoch), until the
+        epoch ends or the last step; checkpoints every ``checkpoint_every`` steps."""
+        config, model, heads = self.config, self.model, self.heads
+        self.epoch_started, self.epoch_losses = time.time(), []
+        batches = distributed.shard(self.data.sampler.batches(self.epoch)[self.step_in_epoch:], self.context)
+        loader = DataLoader(self.data.train_set, batch_sampler=batches, collate_fn=collate,
+                            num_workers=config.num_workers, persistent_workers=False)
+        model.train()
+        heads.train()
+        for images, faces in loader:
+            if "margin" in heads:
+                heads["margin"].ramp = margin_ramp(config, self.step)
+            distributed.broadcast_buffers(model, self.context)
+            losses = compute_losses(model, heads, images, faces, config, self.device)
+            check_finite(losses, self.step)
+            loss = total_loss(losses, self.loss_weights)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            distributed.average_gradients(self.parameters, self.context)
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.parameters, config.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            self.step_in_epoch += 1
+            last_losses = {name: value.item() for name, value in losses.items()}
+            last_losses["total"] = loss.item()
+            self.last_losses = distributed.mean_losses(last_losses, self.context)
+            self.epoch_losses.append(self.last_losses["total"])
+            if self.step % config.log_every == 0 or self.step == self.total_steps:
+                self.steps_log.write({"step": self.step, "epoch": self.epoch,
+                                      "lr": self.optimizer.param_groups[-1]["lr"], **self.last_losses})
+            report(f"epoch {self.epoch} loss {self.last_losses['total']:.3f}")
+            if self.step >= self.total_steps:
+                self.stopped = True
                 break
-            started, epoch_losses = time.time(), []
-            batches = distributed.shard(sampler.batches(epoch)[step_in_epoch:], context)
-            loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate, num_workers=config.num_workers,
-                                persistent_workers=False)
-            model.train()
-            heads.train()
-            for images, faces in loader:
-                if "margin" in heads:
-                    heads["margin"].ramp = margin_ramp(config, step)
-                distributed.broadcast_buffers(model, context)
-                losses = compute_losses(model, heads, images, faces, config, device)
-                check_finite(losses, step)
-                loss = total_loss(losses, weights)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                distributed.average_gradients(parameters, context)
-                if config.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                step_in_epoch += 1
-                last_losses = {name: value.item() for name, value in losses.items()}
-                last_losses["total"] = loss.item()
-                last_losses = distributed.mean_losses(last_losses, context)
-                epoch_losses.append(last_losses["total"])
-                if step % config.log_every == 0 or step == total_steps:
-                    steps_log.write({"step": step, "epoch": epoch, "lr": optimizer.param_groups[-1]["lr"],
-                                     **last_losses})
-                progress.update(task, completed=step, status=f"epoch {epoch} loss {last_losses['total']:.3f}")
-                if step >= total_steps:
-                    stopped = True
-                    break
-                if step % config.checkpoint_every == 0:
-                    checkpoint_now(epoch, step_in_epoch)
-            epoch_done = step_in_epoch >= len(sampler)
-            if epoch_done:
-                due = (epoch + 1) % max(1, config.validate_every) == 0 or epoch + 1 == config.epochs
-                if config.validate and due and context.is_main:
-                    metrics = evaluate(model, heads, gallery_set, test_set, device, config.conf_threshold, config.bf16)
-                    epochs_log.write({"epoch": epoch + 1, "step": step, "seconds": round(time.time() - started, 1),
-                                      "train_loss": sum(epoch_losses) / max(1, len(epoch_losses)), **metrics})
-                    summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-                    progress.console.print(f"epoch {epoch + 1}: {summary}")
-                step_in_epoch = 0
-                checkpoint_now(epoch + 1, 0)
-            else:
-                checkpoint_now(epoch, step_in_epoch)
-    # stopped mid-epoch (max_steps) before any validation
-    if step_in_epoch != 0 and config.validate and not metrics and context.is_main:
-        metrics = evaluate(model, heads, gallery_set, test_set, device, config.conf_threshold, config.bf16)
-        epochs_log.write({"epoch": round(epoch + step_in_epoch / len(sampler), 3), "step": step, **metrics})
-    if epochs_log.rows() or steps_log.rows():
-        plot_curves(steps_log, epochs_log, out_dir / "curves.png")
-    weights_path = out_dir / "jointface.pt"
-    if context.is_main:
-        export_weights(checkpoint_path, weights_path)
-    distributed.check_in_sync([model, heads], context)
-    distributed.cleanup(context)
-    return TrainResult(out_dir=out_dir, checkpoint=checkpoint_path, weights=weights_path, step=step,
-                       epoch=epoch, last_losses=last_losses, metrics=metrics)
+            if self.step % config.checkpoint_every == 0:
+                self.checkpoint(self.epoch, self.step_in_epoch)
+
+    def end_epoch(self, say: Callable[[str], None]) -> None:
+        """After :meth:`run_epoch`: at an epoch's end, validate when due and checkpoint at the next epoch's
+        start; stopped within it, checkpoint where it stopped."""
+        if self.step_in_epoch < len(self.data.sampler):
+            self.checkpoint(self.epoch, self.step_in_epoch)
+            return
+        config = self.config
+        due = (self.epoch + 1) % max(1, config.validate_every) == 0 or self.epoch + 1 == config.epochs
+        if config.validate and due and self.context.is_main:
+            self.metrics = self.validate()
+            self.epochs_log.write({"epoch": self.epoch + 1, "step": self.step,
+                                   "seconds": round(time.time() - self.epoch_started, 1),
+                                   "train_loss": sum(self.epoch_losses) / max(1, len(self.epoch_losses)),
+                                   **self.metrics})
+            say(f"epoch {self.epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items()))
+        self.step_in_epoch = 0
+        self.checkpoint(self.epoch + 1, 0)
+
+    def validate(self) -> dict[str, float]:
+        return evaluate(self.model, self.heads, self.data.gallery_set, self.data.test_set, self.device,
+                        self.config.conf_threshold, self.config.bf16)
+
+    def finish(self) -> TrainResult:
+        """Validate a run stopped mid-epoch that has no figures yet, draw the curves, export the weights."""
+        if self.step_in_epoch != 0 and self.config.validate and not self.metrics and self.context.is_main:
+            self.metrics = self.validate()
+            self.epochs_log.write({"epoch": round(self.epoch + self.step_in_epoch / len(self.data.sampler), 3),
+                                   "step": self.step, **self.metrics})
+        if self.epochs_log.rows() or self.steps_log.rows():
+            plot_curves(self.steps_log, self.epochs_log, self.out_dir / "curves.png")
+        weights_path = self.out_dir / "jointface.pt"
+        if self.context.is_main:
+            export_weights(self.checkpoint_path, weights_path)
+        distributed.check_in_sync([self.model, self.heads], self.context)
+        distributed.cleanup(self.context)
+        return TrainResult(out_dir=self.out_dir, checkpoint=self.checkpoint_path, weights=weights_path,
+                           step=self.step, epoch=self.epoch, last_losses=self.last_losses, metrics=self.metrics)
 
 
 # ----------------------------------------------------------------------------- export
-def _half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
-
-
 def export_weights(checkpoint: str | Path, out_path: str | Path, include_heads: bool = True) -> dict:
-    """Write the shipped weights file: fp16 tensors + plain Python metadata only.
-
-    Layout (``torch.load(path, weights_only=True)``)::
-
-        {"format": "jointface-weights", "format_version": 1,
-         "record": ModelRecord as a dict (backbone, input_size, anchor_sizes, embedding_dim,
-                   mean, std, class_names, training_command, training_data, ...),
-         "state_dict": JointNet's tensors (fp16),
-         "identity_heads": classifier/margin/distillation tensors (fp16; not needed for inference),
-         "training": {"step", "epoch", "metrics", "config"}}
-
-    Returns ``{"path", "bytes", "sha256"}``.
-    """
+    """Write the shipped weights file of a training checkpoint: fp16 tensors + plain Python metadata only
+    (the layout: :mod:`jointface.weights_file`). Returns ``{"path", "bytes", "sha256"}``."""
     payload = load_checkpoint(checkpoint)
-    weights = {
-        "format": WEIGHTS_FORMAT, "format_version": 1,
-        "record": payload["model_record"],
-        "state_dict": _half(payload["model"]),
-        "identity_heads": _half(payload["heads"]) if include_heads else {},
-        "training": {"step": payload["step"], "epoch": payload["epoch"], "metrics": payload["metrics"],
-                     "config": payload["config"]},
-    }
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(weights, out_path)
-    data = out_path.read_bytes()
-    size_mb = len(data) / 1e6
-    if size_mb > 50:
-        print(f"warning: {out_path} is {size_mb:.1f} MB, over the 50 MB budget for shipped weights")
-    return {"path": str(out_path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return write_weights(out_path, record=payload["model_record"], state_dict=half_precision(payload["model"]),
+                         identity_heads=half_precision(payload["heads"]) if include_heads else {},
+                         training={"step": payload["step"], "epoch": payload["epoch"], "metrics": payload["metrics"],
+                                   "config": payload["config"]})

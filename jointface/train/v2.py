@@ -40,9 +40,9 @@ from jointface.datasets.samples import ComposerSettings, SampleComposer
 from jointface.net.loss import check_finite
 from jointface.net.model import MarginClassifier, images_to_tensor, letterbox
 from jointface.net.v2 import (JointNetV2, ModelRecordV2, kmeans_level_anchors, losses_v2, match_multilevel)
+from jointface.weights_file import WEIGHTS_FORMAT
 
 CHECKPOINT_FORMAT = "jointface-v2-checkpoint"
-WEIGHTS_FORMAT = "jointface-weights"
 
 
 @dataclass
