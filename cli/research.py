@@ -260,7 +260,8 @@ def train_v2(
     """Train the v2 joint network on teacher-labelled collections (`preprocess --all-faces`); resumes."""
     from dataclasses import replace
 
-    from jointface.train.v2 import TrainConfigV2, run_for
+    from jointface.train.modes import run_for
+    from jointface.train.v2 import TrainConfigV2
 
     if not config_path.is_file():
         raise CliError(f"{config_path}: no such config file")

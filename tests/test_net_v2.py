@@ -140,6 +140,8 @@ def test_training_run_resumes_and_exports_weights_the_engine_runs(tmp_path, lfw_
     weights = tmp_path / "run" / "jointface.pt"
     engine = JointEngine(weights, conf_threshold=0.0)
     assert engine.architecture == "v2" and engine.dim == 16
+    # a photo runs at 3/4 of its longer side (rounded to 32), within the training canvas and 384 px
+    assert [engine.network_input_size(side) for side in (40, 250, 320, 640, 3000)] == [64, 192, 256, 384, 384]
     faces = engine.detect(load_image(knn_dir / "test" / "obama1.jpg"))
     assert faces and all(f.embedding.shape == (16,) for f in faces)
     flipped = JointEngine(weights, conf_threshold=0.0, flip=True).detect(load_image(knn_dir / "test" / "obama1.jpg"))
@@ -234,7 +236,8 @@ def test_crop_batches_are_deterministic_and_keep_the_face_in_the_canvas(tmp_path
 
 def test_identity_crops_run_trains_only_the_identity_branch_and_a_joint_run_starts_from_it(
         tmp_path, lfw_dir, one_torch_thread):
-    from jointface.train.v2 import Run, TrainConfigV2, run_for
+    from jointface.train.modes import run_for
+    from jointface.train.v2 import Run, TrainConfigV2
 
     labels = _labels(tmp_path, lfw_dir)
     tiny = dict(labels=labels, backbone="resnet_tiny", input_size=64, fpn_channels=16, identity_channels=16,

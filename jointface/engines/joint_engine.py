@@ -60,6 +60,8 @@ class JointEngine(Engine):
     default_threshold = 0.5
     MAX_INPUT_SIZE = 640
     V2_MAX_INPUT_SIZE = 384
+    #: v2 feeds a photo at this share of its longer side (see :meth:`network_input_size`)
+    V2_INPUT_SCALE = 0.75
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str = "cpu", bf16: bool = False,
                  conf_threshold: float = 0.7, nms_iou: float = 0.4, input_size: int | None = None,
@@ -204,9 +206,12 @@ class JointEngine(Engine):
         convolutional, so only the grid grows.
         """
         if self.architecture == "v2":
-            # v2 learnt faces from 12 px to 95% of its canvas: a photo runs at its own size, between the
-            # training canvas and V2_MAX_INPUT_SIZE (a close-up portrait then still fits the largest anchors)
-            size = 32 * round(longer_side / 32)
+            # v2 learnt faces from 12 px to 95% of its canvas: a photo runs at V2_INPUT_SCALE of its size,
+            # between the training canvas and V2_MAX_INPUT_SIZE (a close-up portrait then still fits the
+            # largest anchors). Why the scale: its identity was trained on faces as they sit in 192 px canvases, and
+            # an LFW photo (250 px) read at 192 rather than 256 gave the P2 proxy 36% rather than 28%
+            # (benchmarks/joint_v2/crops/README.md)
+            size = 32 * round(longer_side * self.V2_INPUT_SCALE / 32)
             return int(min(max(size, self.record.input_size), max(self.V2_MAX_INPUT_SIZE, self.record.input_size)))
         half = 32 * round(longer_side / 2 / 32)
         return int(min(max(half, self.record.input_size), max(self.MAX_INPUT_SIZE, self.record.input_size)))
@@ -372,7 +377,9 @@ class JointEngine(Engine):
 
     def describe(self) -> dict:
         return {**super().describe(), "architecture": self.architecture, "backbone": self.record.backbone,
-                "input_size": self.input_size or f"auto ({self.record.input_size}-{self.MAX_INPUT_SIZE})",
+                "input_size": self.input_size or (
+                    f"auto ({self.record.input_size}-{self.MAX_INPUT_SIZE})" if self.architecture != "v2" else
+                    f"auto ({self.V2_INPUT_SCALE:g} x photo, {self.record.input_size}-{self.V2_MAX_INPUT_SIZE})"),
                 "runtime": self.runtime, "flip_tta": self.flip, "bf16": self.bf16,
                 "channels_last": self.channels_last, "fused_batchnorm": self.fused,
                 "conf_threshold": self.conf_threshold, "nms_iou": self.nms_iou, "weights": str(self.weights_path),

@@ -532,31 +532,3 @@ class Run:
         if validated_at != self.step:  # not validated at this very step yet
             metrics = self.validate_and_export()
         return {"step": self.step, "seconds": round(time.monotonic() - started, 1), **metrics}
-
-
-def run_for(config: TrainConfigV2) -> Run:
-    """The run a config's ``mode`` asks for."""
-    if config.mode == "joint":
-        return Run(config)
-    if config.mode == "identity-crops":
-        from jointface.train.crops import CropRun
-
-        return CropRun(config)
-    raise ValueError(f"unknown mode {config.mode!r} (joint or identity-crops)")
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config")
-    parser.add_argument("--max-steps", type=int)
-    args = parser.parse_args(argv)
-    config = TrainConfigV2.load(args.config)
-    if args.max_steps:
-        config.max_steps = args.max_steps
-    print(json.dumps(run_for(config).run(), indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,16 @@
+"""The training run a v2 config's ``mode`` asks for: ``joint`` (:class:`~jointface.train.v2.Run`, whole photos,
+every loss) or ``identity-crops`` (:class:`~jointface.train.crops.CropRun`, the identity branch on face crops)."""
+
+from __future__ import annotations
+
+from jointface.train.crops import CropRun
+from jointface.train.v2 import Run, TrainConfigV2
+
+RUNS = {"joint": Run, "identity-crops": CropRun}
+
+
+def run_for(config: TrainConfigV2) -> Run:
+    """The run ``config.mode`` names, built (resumed when its folder holds a checkpoint)."""
+    if config.mode not in RUNS:
+        raise ValueError(f"unknown mode {config.mode!r} ({' or '.join(RUNS)})")
+    return RUNS[config.mode](config)
