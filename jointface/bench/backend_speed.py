@@ -32,7 +32,6 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from sqlalchemy import text
 
 from index import Gallery
 from index.gallery import NewFace
@@ -55,16 +54,6 @@ def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     return rows.astype(np.int64) + 1
 
 
-def _fix_sequences(gallery: Gallery) -> None:
-    """After rows inserted with explicit ids, PostgreSQL's id sequences must move past them."""
-    if gallery.store.engine.dialect.name != "postgresql":
-        return
-    with gallery.store.engine.begin() as connection:
-        for table in ("people", "faces"):
-            connection.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
-                                    f"(SELECT MAX(id) FROM {table}))"))
-
-
 def measure_backend(backend: str, size: int, vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray,
                     work_dir: Path, db_url: str | None, log, latency_queries: int = QUERIES,
                     enrol: tuple[int, int] = (ENROL_BATCH, ENROL_BATCHES)) -> dict:
@@ -76,7 +65,6 @@ def measure_backend(backend: str, size: int, vectors: np.ndarray, queries: np.nd
             row["vectors"] = gallery.backend.describe()
             start = time.perf_counter()
             bulk_load(gallery, vectors)
-            _fix_sequences(gallery)
             row["bulk_sql_load_s"] = time.perf_counter() - start
             log(f"{backend} {size:,}: bulk SQL load {row['bulk_sql_load_s']:.1f} s")
             start = time.perf_counter()
