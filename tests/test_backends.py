@@ -271,7 +271,7 @@ def test_milvus_seals_what_it_writes(tmp_path, monkeypatch):
 
 def test_p5_per_backend_tiny(tmp_path, pg_url):
     """The P5-per-backend harness end to end on 600 faces (figures are not asserted, only produced)."""
-    from jointface.bench.backend_speed import markdown, run
+    from jointface.bench.backend_speed import markdown, merge, run
 
     result = run(sizes=(600,), db_url=pg_url, cache_dir=tmp_path, log=lambda message: None, latency_queries=20,
                  enrol=(50, 2))
@@ -282,6 +282,11 @@ def test_p5_per_backend_tiny(tmp_path, pg_url):
         assert 0.9 <= row["recall@1"] <= 1.0 and 0.9 <= row["recall@10"] <= 1.0, (name, row)
         for key in ("build_s", "latency_p50_ms", "latency_p99_ms", "enrol_faces_per_s", "reopen_s"):
             assert row[key] > 0, (name, key)
+        assert row["batch_queries_per_s"] > 0 and row["storage_bytes"] > 600 * 128 * 2, (name, row)  # 600 x 128 d
     assert figures["600 pgvector"]["database"] == "postgresql" and figures["600 faiss"]["database"] == "sqlite"
     text = markdown(result)
     assert text.startswith("## P5 per vector backend") and "| 600 milvus |" in text
+    faiss_only = {**result, "figures": {"600 faiss": figures["600 faiss"]}}
+    others = {**result, "figures": {k: v for k, v in figures.items() if k != "600 faiss"}}
+    merged = merge([others, faiss_only])
+    assert list(merged["figures"]) == ["600 faiss", "600 pgvector", "600 milvus"] and len(merged["config"]["runs"]) == 2
