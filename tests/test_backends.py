@@ -288,5 +288,7 @@ def test_p5_per_backend_tiny(tmp_path, pg_url):
     assert text.startswith("## P5 per vector backend") and "| 600 milvus |" in text
     faiss_only = {**result, "figures": {"600 faiss": figures["600 faiss"]}}
     others = {**result, "figures": {k: v for k, v in figures.items() if k != "600 faiss"}}
+    faiss_only["config"] = {**result["config"], "latency_queries": 5}
     merged = merge([others, faiss_only])
     assert list(merged["figures"]) == ["600 faiss", "600 pgvector", "600 milvus"] and len(merged["config"]["runs"]) == 2
+    assert "where not 20: 600 faiss (5)." in markdown(merged)

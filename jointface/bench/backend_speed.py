@@ -82,7 +82,8 @@ def storage_bytes(gallery: Gallery) -> int | None:
 
 def merge(results: list[dict]) -> dict:
     """One result from runs of single sizes or backends (``--merge``): figures ordered by size, then backend."""
-    figures = {name: row for result in results for name, row in result["figures"].items()}
+    figures = {name: {**row, "latency_queries": row.get("latency_queries", result["config"]["latency_queries"])}
+               for result in results for name, row in result["figures"].items()}
     order = sorted(figures, key=lambda name: (figures[name]["size"], BACKENDS.index(figures[name]["backend"])))
     merged = {**results[0], "figures": {name: figures[name] for name in order}}
     config = dict(results[0]["config"])
@@ -250,6 +251,11 @@ def markdown(result: dict) -> str:
                      f"{row['recall@1']:.4f} | {row['recall@10']:.4f} | {row['enrol_faces_per_s']:,.0f} | "
                      f"{row['gallery_search_p50_ms']:.2f} | {row['reopen_s']:.2f} | "
                      f"{'-' if storage is None else f'{storage / 2**20:,.1f}'} |")
+    timed = config.get("latency_queries", config["queries"])
+    fewer = [f"{name} ({row['latency_queries']:,})" for name, row in result["figures"].items()
+             if row.get("latency_queries", timed) != timed]
+    if fewer:
+        lines.append(f"\nQueries timed one by one where not {timed:,}: " + ", ".join(fewer) + ".")
     for note in config.get("notes", []):
         lines.append(f"\n- {note}")
     return "\n".join(lines) + "\n"
