@@ -39,11 +39,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from jointface.datasets.build import PhotoLoader, build_training_set
 from jointface.datasets.samples import PAD_COLOUR, colour_jitter, paste
-from jointface.net.loss import check_finite
 from jointface.net.v2 import identity_losses
 from jointface.train.v2 import Run, TrainConfigV2, jitter_boxes, normalise, p2_proxy_set
 
@@ -191,8 +189,7 @@ class CropRun(Run):
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.step)
         rois = jitter_boxes(torch.from_numpy(boxes), config.box_jitter, generator)
         images = normalise(torch.from_numpy(canvases), self.model.record)
-        for module in self.frozen_norms:  # frozen layers keep their statistics
-            module.eval()
+        self.hold_frozen_norms()
         maps = self.model.forward_maps(images)
         embeddings = self.model.embed(maps[3:], rois, torch.arange(len(rois)))
         if self.margin_head is not None:
@@ -201,13 +198,4 @@ class CropRun(Run):
         losses = identity_losses(embeddings, teachers, torch.ones(len(chosen), dtype=torch.bool),
                                  torch.from_numpy(self.bank.identities[chosen]), self.model.teacher_mean,
                                  self.margin_head, self.model.teacher_projection)
-        check_finite(losses, self.step)
-        total = sum(config.loss_weights.get(name, 1.0) * value for name, value in losses.items())
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.step += 1
-        return {**{k: float(v.detach()) for k, v in losses.items()}, "total": float(total.detach()),
-                "face_px": round(float((boxes[:, 2] - boxes[:, 0]).mean()), 1)}
+        return {**self.optimise(losses), "face_px": round(float((boxes[:, 2] - boxes[:, 0]).mean()), 1)}

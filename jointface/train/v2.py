@@ -222,6 +222,23 @@ def p2_proxy_set(lfw_labels: str | Path, people: int) -> list[tuple[str, str, li
     return chosen
 
 
+def proxy_rank1(people: list[str], embeddings) -> tuple[float, int]:
+    """1:N rank-1 of a P2-proxy set in its order (each person's first embedding enrolled, the others probes)
+    and the number of probes; NaN without probes."""
+    gallery, gallery_names, probes, probe_names = [], [], [], []
+    for person, embedding in zip(people, embeddings):
+        if person not in gallery_names:
+            gallery.append(embedding)
+            gallery_names.append(person)
+        else:
+            probes.append(embedding)
+            probe_names.append(person)
+    if not probes:
+        return float("nan"), 0
+    best = np.argmax(np.stack(probes) @ np.stack(gallery).T, axis=1)
+    return float(np.mean([gallery_names[b] == name for b, name in zip(best, probe_names)])), len(probes)
+
+
 def validate(model: JointNetV2, holdout, teacher_mean: np.ndarray, proxy, loader: PhotoLoader,
              size: int) -> dict[str, float]:
     from jointface.imageio import load_image
@@ -236,24 +253,11 @@ def validate(model: JointNetV2, holdout, teacher_mean: np.ndarray, proxy, loader
         for embedding, face in zip(embeddings, faces):
             target = face.teacher - teacher_mean
             cosines.append(float(embedding @ target / max(np.linalg.norm(target), 1e-9)))
-    gallery, gallery_names, probes, probe_names = [], [], [], []
-    seen = set()
-    for person, path, box in proxy:
-        embedding = embed_boxes(model, load_image(path), [box], size)[0]
-        if person not in seen:
-            seen.add(person)
-            gallery.append(embedding)
-            gallery_names.append(person)
-        else:
-            probes.append(embedding)
-            probe_names.append(person)
-    rank1 = float("nan")
-    if probes:
-        best = np.argmax(np.stack(probes) @ np.stack(gallery).T, axis=1)
-        rank1 = float(np.mean([gallery_names[b] == name for b, name in zip(best, probe_names)]))
+    rank1, probes = proxy_rank1([person for person, _, _ in proxy],
+                                [embed_boxes(model, load_image(path), [box], size)[0] for _, path, box in proxy])
     model.train()
     return {"holdout_cos": float(np.mean(cosines)) if cosines else float("nan"), "p2proxy_rank1": rank1,
-            "p2proxy_probes": len(probes), "holdout_faces": len(cosines)}
+            "p2proxy_probes": probes, "holdout_faces": len(cosines)}
 
 
 # ----------------------------------------------------------------------------- export
@@ -440,8 +444,7 @@ class Run:
         image_idx = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, b in enumerate(boxes)])
         all_boxes = torch.cat(boxes) if boxes else torch.zeros(0, 4)
         rois = jitter_boxes(all_boxes, config.box_jitter, generator)
-        for module in self.frozen_norms:  # frozen layers keep their statistics
-            module.eval()
+        self.hold_frozen_norms()
         detections, embeddings = self.model.forward_train(normalise(images, self.model.record), rois, image_idx)
         matched = match_multilevel(boxes, self.model.anchor_grids(), detections.grid_sizes)
         if self.margin_head is not None:
@@ -449,15 +452,24 @@ class Run:
         losses = losses_v2(detections, matched, embeddings, teachers, valid, identities,
                            self.model.teacher_mean, self.margin_head,
                            teacher_projection=self.model.teacher_projection)
+        return self.optimise(losses)
+
+    def optimise(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One optimiser step on the weighted sum of named loss terms; the terms and the total as floats."""
         check_finite(losses, self.step)
-        total = sum(config.loss_weights.get(name, 1.0) * value for name, value in losses.items())
+        total = sum(self.config.loss_weights.get(name, 1.0) * value for name, value in losses.items())
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         return {**{k: float(v.detach()) for k, v in losses.items()}, "total": float(total.detach())}
+
+    def hold_frozen_norms(self) -> None:
+        """Frozen BatchNorm layers keep their statistics (eval mode; validation puts the model back in train)."""
+        for module in self.frozen_norms:
+            module.eval()
 
     def _append(self, name: str, row: dict) -> None:
         path = self.out_dir / name

@@ -18,21 +18,11 @@ import torch
 
 from jointface.engines.joint_engine import JointEngine
 from jointface.imageio import load_image
-from jointface.train.v2 import embed_boxes, p2_proxy_set
+from jointface.train.v2 import embed_boxes, p2_proxy_set, proxy_rank1
 
 
 def rank1(proxy, embeddings) -> float:
-    gallery, gallery_names, probes, probe_names, seen = [], [], [], [], set()
-    for (person, _, _), embedding in zip(proxy, embeddings):
-        if person not in seen:
-            seen.add(person)
-            gallery.append(embedding)
-            gallery_names.append(person)
-        else:
-            probes.append(embedding)
-            probe_names.append(person)
-    best = np.argmax(np.stack(probes) @ np.stack(gallery).T, axis=1)
-    return float(np.mean([gallery_names[b] == name for b, name in zip(best, probe_names)]))
+    return proxy_rank1([person for person, _, _ in proxy], embeddings)[0]
 
 
 def engine_embeddings(engine: JointEngine, images, proxy) -> list[np.ndarray]:
