@@ -50,6 +50,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from .backends import BackendSpec, VectorBackend, make_backend, parse_backend
 from .backends.base import IndexReport
 from .errors import GalleryError, IndexCorruptError, PersonExistsError, PersonNotFoundError, StoreError
+from .library import PhotoLibrary
 from .models import FaceRow, GallerySetting, GalleryState, Person
 from .store import IdentityStore, sqlite_path
 from .vectors import AUTO_APPROXIMATE_FROM, INDEX_KINDS, VectorIndex, resolve_kind
@@ -370,6 +371,27 @@ class Gallery:
     def engines_in_store(self) -> list[str]:
         with self.store.session() as session:
             return sorted(session.scalars(select(FaceRow.engine).distinct()))
+
+    def engine_versions(self, engine_name: str) -> set[str]:
+        """The engine versions of this engine's enrolled faces."""
+        with self.store.session() as session:
+            return set(session.scalars(select(FaceRow.engine_version).where(FaceRow.engine == engine_name)
+                                       .distinct()))
+
+    def face_ids(self) -> set[int]:
+        """The ids of every enrolled face (all engines)."""
+        with self.store.session() as session:
+            return set(session.scalars(select(FaceRow.id)))
+
+    def embeddings_by_person(self) -> list[tuple[str, bytes]]:
+        """``(person name, embedding bytes)`` of every enrolled face (all engines)."""
+        with self.store.session() as session:
+            return session.execute(select(Person.name, FaceRow.embedding).join(FaceRow)).all()
+
+    @property
+    def library(self) -> PhotoLibrary:
+        """The photo library of ``jointface cluster`` (:mod:`index.library`)."""
+        return PhotoLibrary(self)
 
     def enrolled_hashes(self, engine_name: str) -> set[tuple[str, str]]:
         """``(person name, photo file SHA-256)`` of every face enrolled with this engine."""

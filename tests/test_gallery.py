@@ -43,6 +43,16 @@ def test_add_search_and_duplicates(gallery):
     assert people == {"ada": 2, "bob": 2}
 
 
+def test_what_the_gallery_answers_about_its_faces(gallery):
+    ids = gallery.add_faces(*ENGINE, [face("ada", 1), face("bob", 2)])
+    gallery.add_faces("other", "v9", DIM, [face("ada", 3)])
+    assert gallery.engine_versions("test") == {"v1"} and gallery.engine_versions("none") == set()
+    assert set(ids) < gallery.face_ids() and len(gallery.face_ids()) == 3
+    stored = sorted((name, np.frombuffer(blob, np.float32).tolist()) for name, blob in gallery.embeddings_by_person())
+    assert stored == sorted((f.person, f.embedding.tolist()) for f in (face("ada", 1), face("bob", 2), face("ada", 3)))
+    assert gallery.enrolled_hashes("test") == {("ada", "sha-ada-1"), ("bob", "sha-bob-2")}
+
+
 def test_remove_person_removes_vectors(gallery):
     gallery.add_faces(*ENGINE, [face("ada", 1), face("bob", 2)])
     assert gallery.remove_person("ada") == 1

@@ -109,12 +109,7 @@ class Service:
         """Thumbnails of faces removed while no server ran (by the command line): deleted at start."""
         if not self.thumbnails.is_dir():
             return
-        from sqlalchemy import select
-
-        from index.models import FaceRow
-
-        with self.gallery.store.session() as session:
-            alive = set(session.scalars(select(FaceRow.id)))
+        alive = self.gallery.face_ids()
         for path in self.thumbnails.glob("*.jpg"):
             if not path.stem.isdigit() or int(path.stem) not in alive:
                 path.unlink()
