@@ -34,6 +34,7 @@ from index import Gallery
 from index.errors import ClusterError
 from index.gallery import NewFace, validate_person_name
 from index.library import IGNORED, NAMED, OPEN, Grouping, ScannedPhoto
+from index.space import EmbeddingSpace
 
 from .engines import Engine
 from .imageio import ImageLoadError, load_image, load_image_reduced
@@ -323,12 +324,11 @@ def _vectors(rows: Sequence[bytes], dim: int) -> np.ndarray:
     return np.frombuffer(b"".join(rows), dtype=np.float32).reshape(len(rows), dim)
 
 
-def _gallery_matches(gallery: Gallery, engine_name: str, engine_version: str, dim: int,
-                     vectors: np.ndarray) -> list[tuple[str, float] | None]:
+def _gallery_matches(gallery: Gallery, space: EmbeddingSpace, vectors: np.ndarray) -> list[tuple[str, float] | None]:
     """Best enrolled person and similarity per vector; all ``None`` when the gallery has none of this engine."""
-    if gallery.engine_versions(engine_name) != {engine_version} or len(vectors) == 0:
+    if gallery.engine_versions(space.name) != {space.version} or len(vectors) == 0:
         return [None] * len(vectors)
-    hits = gallery.search(engine_name, engine_version, dim, vectors, top_k=1)
+    hits = gallery.search(space, vectors, top_k=1)
     return [(row[0].name, row[0].similarity) if row else None for row in hits]
 
 
@@ -363,8 +363,8 @@ def recluster(gallery: Gallery, engine_name: str, engine_version: str, *, method
     open_positions = np.flatnonzero(~is_frozen)
     matches = [None] * len(rows)
     if match_threshold is not None and len(open_positions):
-        for position, hit in zip(open_positions, _gallery_matches(gallery, engine_name, engine_version, dim,
-                                                                  vectors[open_positions])):
+        space = EmbeddingSpace(engine_name, engine_version, dim)
+        for position, hit in zip(open_positions, _gallery_matches(gallery, space, vectors[open_positions])):
             if hit is not None and hit[1] >= match_threshold:
                 matches[position] = hit
     matched = np.array([m is not None for m in matches], bool)
@@ -482,7 +482,8 @@ def _load_clusters(gallery: Gallery, *, cluster_ids: Sequence[int] | None = None
         if info.person is None:
             pending_nearest.append((info, centre, members[0].dim))
     for (engine_name_, version), group in _by_engine(pending_nearest).items():
-        hits = _gallery_matches(gallery, engine_name_, version, group[0][2], np.stack([c for _, c, _ in group]))
+        hits = _gallery_matches(gallery, EmbeddingSpace(engine_name_, version, group[0][2]),
+                                np.stack([c for _, c, _ in group]))
         for (info, _, _), hit in zip(group, hits):
             info.nearest = hit
     infos.sort(key=lambda info: (-info.size, info.id))
@@ -626,7 +627,7 @@ def name_cluster(gallery: Gallery, cluster_id: int, name: str, engine: Engine) -
     missing = [path for path in dict.fromkeys(path for _, path, _ in rows) if not Path(path).exists()]
     new_faces = [NewFace(person=name, embedding=face.vector, box=face.box, score=face.det_score, source_path=path,
                          source_sha256=sha) for face, path, sha in rows]
-    added = gallery.add_faces(engine.name, engine.version, engine.dim, new_faces)
+    added = gallery.add_faces(engine.space, new_faces)
     named = gallery.library.mark_named(cluster_id, name, engine.name, engine.version,
                                        [(face.id, sha) for face, _, sha in rows])
     return NameReport(named, name, sum(i is not None for i in added),
