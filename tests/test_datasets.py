@@ -139,11 +139,31 @@ def test_leak_guard_drops_a_planted_lfw_evaluation_photo(tmp_path, lfw_dir, dlib
     assert result.counts["lfw"]["train_photos"] == 1  # only the P1 person's photo; never a P2 one
 
 
-def test_leaking_is_a_distance_threshold():
-    evaluation = np.zeros((1, 128), dtype=np.float32)
-    near, far = np.zeros(128, dtype=np.float32), np.zeros(128, dtype=np.float32)
-    near[0], far[0] = 0.49, 0.51
-    assert leaking(np.stack([near, far]), evaluation, 0.5).tolist() == [True, False]
+def test_leaking_is_a_distance_threshold_with_a_ratio_test_between_sure_and_far():
+    from jointface.datasets.build import PLAIN_LEAK_RULE, LeakRule
+
+    def at(*distances):  # descriptors at these distances from the origin, along the first axis
+        rows = np.zeros((len(distances), 128), dtype=np.float32)
+        rows[:, 0] = distances
+        return rows
+
+    evaluation = at(0.0)
+    assert leaking(at(0.49, 0.51), evaluation, rule=PLAIN_LEAK_RULE).tolist() == [True, False]
+    # two evaluation people on either side of the origin: a face at the origin is as near to both (a crowd),
+    # a face beside one of them resembles that one
+    crowd = np.zeros((2, 128), dtype=np.float32)
+    crowd[0, 1], crowd[1, 1] = 0.45, -0.45
+    middle, beside = np.zeros((1, 128), dtype=np.float32), np.zeros((1, 128), dtype=np.float32)
+    beside[0, 1] = 0.05
+    faces = np.concatenate([middle, beside])
+    rule = LeakRule(distance=0.5, sure_distance=0.4, ratio=0.9)
+    assert leaking(faces, crowd, np.array(["a", "b"]), rule).tolist() == [False, True]
+    assert leaking(faces, crowd, np.array(["a", "b"]), PLAIN_LEAK_RULE).tolist() == [True, True]
+    # the same two descriptors as one person: resembling one person, so the middle face leaks too
+    assert leaking(faces, crowd, np.array(["a", "a"]), rule).tolist() == [True, True]
+    # nearer than the sure distance leaks whatever the crowd
+    crowd[0, 1], crowd[1, 1] = 0.35, -0.35
+    assert leaking(middle, crowd, np.array(["a", "b"]), rule).tolist() == [True]
 
 
 # ----------------------------------------------------------------------------- samples

@@ -325,3 +325,48 @@ def test_multi_scale_canvases_alternate_by_step(tmp_path, lfw_dir, one_torch_thr
     assert result["step"] == 2 and result["p2proxy_probes"] == 6
     # validated once at the last step, not twice
     assert len((tmp_path / "run" / "validation.csv").read_text().splitlines()) == 2
+
+
+def test_a_truncated_crop_bank_is_cut_again(tmp_path, lfw_dir):
+    from jointface.datasets.build import PhotoLoader, build_training_set
+    from jointface.train.crops import CropSettings, build_bank
+
+    data = build_training_set(_labels(tmp_path, lfw_dir))
+    settings = CropSettings(face_low=40, face_high=60, bank_face=50, bank_context=2.0)
+    first = np.array(build_bank(data.train, PhotoLoader(), settings, tmp_path / "bank").images)
+    path = tmp_path / "bank" / "bank.npy"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    again = build_bank(data.train, PhotoLoader(), settings, tmp_path / "bank", progress=False)
+    assert np.array_equal(np.asarray(again.images), first)
+
+
+def test_a_mixed_run_learns_detection_and_identity_on_crops_in_one_step(tmp_path, lfw_dir, one_torch_thread):
+    import csv
+
+    from jointface.train.modes import run_for
+    from jointface.train.v2 import TrainConfigV2
+
+    tiny = dict(labels=_labels(tmp_path, lfw_dir), backbone="resnet_tiny", input_size=64, fpn_channels=16,
+                identity_channels=16, embedding_dim=16, roi_size=4, batch_size=2, warmup_steps=1, log_every=1,
+                validate_every=0, anchor_sample_images=20, num_threads=1, progress=False)
+    run = run_for(TrainConfigV2(mode="joint+crops", out_dir=str(tmp_path / "mixed"), max_steps=2,
+                                crops={"face_low": 20, "face_high": 30, "bank_face": 24, "batch_size": 3},
+                                loss_weights={"box": 1, "confidence": 1, "distill": 1, "relational": 1,
+                                              "identity_margin": 0.1, "crop_distill": 2, "crop_relational": 2,
+                                              "crop_identity_margin": 0.2}, **tiny))
+    assert type(run).__name__ == "MixedRun" and run.crops.batch_size == 3
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    assert run.run()["step"] == 2
+    after = run.model.state_dict()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert {"identity", "heads", "backbone"} <= changed
+    rows = list(csv.DictReader((tmp_path / "mixed" / "steps.csv").open()))
+    assert len(rows) == 2
+    terms = {"box", "confidence", "distill", "crop_distill", "crop_relational", "crop_identity_margin"}
+    assert terms <= set(rows[0])
+    # the total is the weighted sum of both halves' terms
+    row = {k: float(v) for k, v in rows[0].items()}
+    weights = run.config.loss_weights
+    expected = sum(weights[k] * row[k] for k in weights)
+    assert abs(row["total"] - expected) < 1e-3 * max(1.0, expected)
+    assert json.loads((tmp_path / "mixed" / "data.json").read_text())["crop_bank_faces"] == len(run.crops.bank)

@@ -33,17 +33,16 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from jointface.datasets.build import PhotoLoader, build_training_set
+from jointface.datasets.build import PhotoLoader
 from jointface.datasets.samples import PAD_COLOUR, colour_jitter, paste
 from jointface.net.v2 import identity_losses
-from jointface.train.v2 import Run, TrainConfigV2, jitter_boxes, normalise, p2_proxy_set
+from jointface.train.v2 import Run, TrainConfigV2, jitter_boxes, normalise
 
 ROUND = 16  # canvas sides are multiples of this (stride-8 and stride-16 maps tile them exactly)
 
@@ -60,6 +59,7 @@ class CropSettings:
     bank_min_face: float = 20.0 # faces narrower than this (photo px, photos shrunk to 400 px) are left out
     colour_jitter: float = 0.25
     flip_probability: float = 0.5
+    batch_size: int = 0         # crops per step (0: the run's batch_size)
 
     @classmethod
     def from_dict(cls, values: dict) -> "CropSettings":
@@ -91,9 +91,14 @@ def build_bank(photos, loader: PhotoLoader, settings: CropSettings, folder: Path
     side = int(round(settings.bank_face * settings.bank_context))
     images_path, meta_path = folder / "bank.npy", folder / "bank.npz"
     if images_path.exists() and meta_path.exists():
-        meta = np.load(meta_path)
-        if len(meta["boxes"]) == len(faces) and int(meta["side"]) == side:
-            return CropBank(np.load(images_path, mmap_mode="r"), meta["boxes"], meta["teachers"], meta["identities"])
+        try:  # a bank cut for these faces is reused; a truncated or foreign one is cut again
+            meta = np.load(meta_path)
+            images = np.load(images_path, mmap_mode="r")
+            if len(meta["boxes"]) == len(faces) and int(meta["side"]) == side \
+                    and images.shape == (len(faces), side, side, 3):
+                return CropBank(images, meta["boxes"], meta["teachers"], meta["identities"])
+        except (OSError, ValueError, KeyError, EOFError) as error:
+            print(f"crop bank in {folder} is unreadable ({error}): cutting it again", flush=True)
     folder.mkdir(parents=True, exist_ok=True)
     temporary = folder / "bank.tmp.npy"
     images = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=(len(faces), side, side, 3))
@@ -154,48 +159,69 @@ def crop_batch(bank: CropBank, settings: CropSettings, batch_size: int, seed: in
     return canvases, boxes, chosen
 
 
+class CropSource:
+    """Face-crop batches from a run's crop bank and the identity loss terms on them: the steps of a
+    :class:`CropRun`, the crop half of a :class:`MixedRun`'s steps."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.settings = CropSettings.from_dict(run.config.crops)
+        self.batch_size = self.settings.batch_size or run.config.batch_size
+        self.bank = build_bank(run.data.train, PhotoLoader(cache_items=0), self.settings, run.out_dir,
+                               run.config.progress)
+        run.data.counts["crop_bank_faces"] = len(self.bank)
+        (run.out_dir / "crops.json").write_text(json.dumps(asdict(self.settings), indent=2) + "\n")
+        (run.out_dir / "data.json").write_text(json.dumps(run.data.counts, indent=2) + "\n")
+
+    def losses(self, step: int) -> tuple[dict[str, torch.Tensor], float]:
+        """The identity terms of crop batch ``step`` and its mean face width (canvas px)."""
+        run, config = self.run, self.run.config
+        canvases, boxes, chosen = crop_batch(self.bank, self.settings, self.batch_size, config.seed, step)
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        rois = jitter_boxes(torch.from_numpy(boxes), config.box_jitter, generator)
+        images = normalise(torch.from_numpy(canvases), run.model.record)
+        maps = run.model.forward_maps(images)
+        embeddings = run.model.embed(maps[3:], rois, torch.arange(len(rois)))
+        teachers = torch.from_numpy(self.bank.teachers[chosen])
+        losses = identity_losses(embeddings, teachers, torch.ones(len(chosen), dtype=torch.bool),
+                                 torch.from_numpy(self.bank.identities[chosen]), run.model.teacher_mean,
+                                 run.margin_head, run.model.teacher_projection)
+        return losses, round(float((boxes[:, 2] - boxes[:, 0]).mean()), 1)
+
+
 class CropRun(Run):
     """A :class:`~jointface.train.v2.Run` whose steps train the identity branch on face crops."""
 
     def __init__(self, config: TrainConfigV2):
-        if not config.out_dir:
-            raise ValueError("the config names no out_dir")
         if not config.anchors_from:
             raise ValueError("an identity-crops run needs anchors_from (its detection part is not trained)")
-        self.config = config
-        self.settings = CropSettings.from_dict(config.crops)
-        self.out_dir = Path(config.out_dir)
-        self.checkpoint_path = self.out_dir / "checkpoints" / "last.pt"
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        resume_classes = None
-        if self.checkpoint_path.exists():
-            resume_classes = torch.load(self.checkpoint_path, map_location="cpu",
-                                        weights_only=True)["record"]["class_names"]
-        self.data = build_training_set(config.labels, limits=config.limits, class_names=resume_classes)
-        self.loader = PhotoLoader(cache_items=0)
-        self.bank = build_bank(self.data.train, self.loader, self.settings, self.out_dir, config.progress)
-        self.data.counts["crop_bank_faces"] = len(self.bank)
-        self.teacher_mean = self.data.teacher_mean()
-        self.proxy = p2_proxy_set(config.labels["lfw"], config.p2proxy_people) if config.validate_every else []
-        self.step = 0
-        self._build()
-        self.model.record.training_command = " ".join(sys.argv)
-        (self.out_dir / "crops.json").write_text(json.dumps(asdict(self.settings), indent=2) + "\n")
+        super().__init__(config, canvases=False)
+        self.crops = CropSource(self)
 
     def train_step(self) -> dict[str, float]:
-        config = self.config
-        canvases, boxes, chosen = crop_batch(self.bank, self.settings, config.batch_size, config.seed, self.step)
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.step)
-        rois = jitter_boxes(torch.from_numpy(boxes), config.box_jitter, generator)
-        images = normalise(torch.from_numpy(canvases), self.model.record)
         self.hold_frozen_norms()
-        maps = self.model.forward_maps(images)
-        embeddings = self.model.embed(maps[3:], rois, torch.arange(len(rois)))
-        if self.margin_head is not None:
-            self.margin_head.ramp = min(1.0, self.step / max(1, config.margin_warmup_steps))
-        teachers = torch.from_numpy(self.bank.teachers[chosen])
-        losses = identity_losses(embeddings, teachers, torch.ones(len(chosen), dtype=torch.bool),
-                                 torch.from_numpy(self.bank.identities[chosen]), self.model.teacher_mean,
-                                 self.margin_head, self.model.teacher_projection)
-        return {**self.optimise(losses), "face_px": round(float((boxes[:, 2] - boxes[:, 0]).mean()), 1)}
+        self.ramp_margin()
+        losses, face_px = self.crops.losses(self.step)
+        return {**self.optimise(losses), "face_px": face_px}
+
+
+class MixedRun(Run):
+    """A joint run whose every step also learns identity on a batch of face crops (``mode: joint+crops``).
+
+    Why (issue 15, ``benchmarks/joint_v2/crops/``): a joint run started from the crops run lost identity with
+    every validation while detection came back, and a run of the two one after the other leaves one of them
+    behind. Here each optimiser step sums the canvas batch's terms (detection and identity) and the crop
+    batch's identity terms (``crop_distill``, ``crop_relational``, ``crop_identity_margin``), so the identity
+    the crops teach is held while detection learns. ``crops.batch_size`` sets the crop batch (default: the
+    run's ``batch_size``).
+    """
+
+    def __init__(self, config: TrainConfigV2):
+        super().__init__(config)
+        self.crops = CropSource(self)
+
+    def train_step(self) -> dict[str, float]:
+        losses = self.joint_losses()
+        crop_losses, face_px = self.crops.losses(self.step)
+        return {**self.optimise({**losses, **{f"crop_{k}": v for k, v in crop_losses.items()}}),
+                "face_px": face_px}

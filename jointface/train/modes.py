@@ -1,12 +1,13 @@
 """The training run a v2 config's ``mode`` asks for: ``joint`` (:class:`~jointface.train.v2.Run`, whole photos,
-every loss) or ``identity-crops`` (:class:`~jointface.train.crops.CropRun`, the identity branch on face crops)."""
+every loss), ``identity-crops`` (:class:`~jointface.train.crops.CropRun`, the identity branch on face crops) or
+``joint+crops`` (:class:`~jointface.train.crops.MixedRun`, both in every step)."""
 
 from __future__ import annotations
 
-from jointface.train.crops import CropRun
+from jointface.train.crops import CropRun, MixedRun
 from jointface.train.v2 import Run, TrainConfigV2
 
-RUNS = {"joint": Run, "identity-crops": CropRun}
+RUNS = {"joint": Run, "identity-crops": CropRun, "joint+crops": MixedRun}
 
 
 def run_for(config: TrainConfigV2) -> Run:

@@ -99,7 +99,9 @@ class TrainConfigV2:
     progress: bool = True
     notes: str = ""                       # free text kept with the run (what this stage changed, and why)
     #: ``joint``: whole photos, every loss (:class:`Run`); ``identity-crops``: the identity branch alone on face
-    #: crops, detection untouched (:class:`jointface.train.crops.CropRun`, issue 15's ceiling check)
+    #: crops, detection untouched (:class:`jointface.train.crops.CropRun`, issue 15's ceiling check);
+    #: ``joint+crops``: each step a batch of canvases (every loss) and a batch of face crops (identity terms,
+    #: named ``crop_*`` in ``loss_weights``), one optimiser step (:class:`jointface.train.crops.MixedRun`)
     mode: str = "joint"
     crops: dict = field(default_factory=dict)   # CropRun settings (see jointface.train.crops.CropSettings)
 
@@ -312,7 +314,8 @@ def plot_curves(out_dir: Path) -> None:
 class Run:
     """One training run (build, resume, step, validate, export); see the module docstring."""
 
-    def __init__(self, config: TrainConfigV2):
+    def __init__(self, config: TrainConfigV2, canvases: bool = True):
+        """``canvases=False``: a run with no whole-photo batches (no sample composers; photos not cached)."""
         if not config.out_dir:
             raise ValueError("the config names no out_dir")
         self.config = config
@@ -332,10 +335,11 @@ class Run:
                   flush=True)
         self.data = build_training_set(labels, limits=config.limits, class_names=resume_classes)
         self.data.counts["left_out_unlabelled"] = sorted(set(config.labels) - set(labels))
-        self.loader = PhotoLoader()
-        self.composer = SampleComposer(self.data.train, self.loader, composer_settings(config), seed=config.seed)
+        self.loader = PhotoLoader() if canvases else PhotoLoader(cache_items=0)
+        self.composer = SampleComposer(self.data.train, self.loader, composer_settings(config), seed=config.seed) \
+            if canvases else None
         self.composers = {size: SampleComposer(self.data.train, self.loader, composer_settings(config, size),
-                                               seed=config.seed) for size in config.canvas_sizes}
+                                               seed=config.seed) for size in config.canvas_sizes} if canvases else {}
         self.teacher_mean = self.data.teacher_mean()
         self.proxy = p2_proxy_set(config.labels["lfw"], config.p2proxy_people) if config.validate_every else []
         self.step = 0
@@ -433,6 +437,10 @@ class Run:
         return collate([composer.compose(step * size + i) for i in range(size)])
 
     def train_step(self) -> dict[str, float]:
+        return self.optimise(self.joint_losses())
+
+    def joint_losses(self) -> dict[str, torch.Tensor]:
+        """The loss terms of this step's batch of whole-photo canvases (detection and identity)."""
         config = self.config
         images, boxes, teachers, valid, identities = self.batch(self.step)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.step)
@@ -442,12 +450,10 @@ class Run:
         self.hold_frozen_norms()
         detections, embeddings = self.model.forward_train(normalise(images, self.model.record), rois, image_idx)
         matched = match_multilevel(boxes, self.model.anchor_grids(), detections.grid_sizes)
-        if self.margin_head is not None:
-            self.margin_head.ramp = min(1.0, self.step / max(1, config.margin_warmup_steps))
-        losses = losses_v2(detections, matched, embeddings, teachers, valid, identities,
-                           self.model.teacher_mean, self.margin_head,
-                           teacher_projection=self.model.teacher_projection)
-        return self.optimise(losses)
+        self.ramp_margin()
+        return losses_v2(detections, matched, embeddings, teachers, valid, identities,
+                         self.model.teacher_mean, self.margin_head,
+                         teacher_projection=self.model.teacher_projection)
 
     def optimise(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimiser step on the weighted sum of named loss terms; the terms and the total as floats."""
@@ -460,6 +466,11 @@ class Run:
         self.scheduler.step()
         self.step += 1
         return {**{k: float(v.detach()) for k, v in losses.items()}, "total": float(total.detach())}
+
+    def ramp_margin(self) -> None:
+        """The margin of the margin head grows from 0 to its full value over ``margin_warmup_steps``."""
+        if self.margin_head is not None:
+            self.margin_head.ramp = min(1.0, self.step / max(1, self.config.margin_warmup_steps))
 
     def hold_frozen_norms(self) -> None:
         """Frozen BatchNorm layers keep their statistics (eval mode; validation puts the model back in train)."""
