@@ -188,15 +188,7 @@ def clusters_show(
 
 def _cluster_engine(ctx: typer.Context, gallery, cluster_id: int):
     """The engine a cluster was made with (loaded), or a clear error."""
-    from index.models import FaceCluster
-    from jointface.clustering import ClusterError
-
-    with gallery.store.session() as session:
-        cluster = session.get(FaceCluster, cluster_id)
-        if cluster is None:
-            raise ClusterError(f"no cluster with id {cluster_id} (see `jointface clusters list`)")
-        name = cluster.engine
-    return _engine_for(ctx, name)
+    return _engine_for(ctx, gallery.library.cluster_engine(cluster_id))
 
 
 @clusters_app.command("name")
@@ -221,13 +213,10 @@ def clusters_name(ctx: typer.Context, cluster_id: int = typer.Argument(..., meta
 def clusters_merge(ctx: typer.Context, into: int = typer.Argument(..., metavar="A"),
                    source: int = typer.Argument(..., metavar="B")) -> None:
     """Move every face of cluster B into cluster A (enrolled when A or B is named)."""
-    from index.models import FaceCluster
-    from jointface.clustering import NAMED, merge_clusters
+    from jointface.clustering import merge_clusters
 
     with open_gallery(ctx) as gallery:
-        with gallery.store.session() as session:
-            named = session.query(FaceCluster).filter(FaceCluster.id.in_([into, source]),
-                                                      FaceCluster.status == NAMED).count()
+        named = gallery.library.named_count([into, source])
         engine = _cluster_engine(ctx, gallery, into) if named else None
         report = merge_clusters(gallery, into, source, engine)
     err.print(f"merged cluster {source} into {into}" + (

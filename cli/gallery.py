@@ -260,7 +260,7 @@ def index_rebuild(ctx: typer.Context) -> None:
     """Rebuild the vector indexes from the database."""
     with open_gallery(ctx) as gallery:
         for engine in _engines_to_check(ctx, gallery):
-            count = gallery.rebuild_index(engine.name, engine.version, engine.dim)
+            count = gallery.rebuild_index(engine.space)
             out.print(f"{engine.name}: index rebuilt with {count} faces", markup=False)
 
 

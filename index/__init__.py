@@ -3,6 +3,7 @@
 
 from .errors import GalleryError, IndexCorruptError, PersonExistsError, PersonNotFoundError, StoreError
 from .gallery import Gallery, SearchHit
+from .space import EmbeddingSpace
 
-__all__ = ["Gallery", "GalleryError", "IndexCorruptError", "PersonExistsError", "PersonNotFoundError",
+__all__ = ["EmbeddingSpace", "Gallery", "GalleryError", "IndexCorruptError", "PersonExistsError", "PersonNotFoundError",
            "SearchHit", "StoreError"]

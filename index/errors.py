@@ -9,6 +9,10 @@ class StoreError(GalleryError):
     """The database cannot be opened, read or written."""
 
 
+class ClusterError(GalleryError):
+    """A cluster operation that cannot be done (unknown id, wrong state); the message says why."""
+
+
 class IndexCorruptError(GalleryError):
     """A vector index file is damaged (it can be rebuilt from the database)."""
 

@@ -50,6 +50,8 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from .backends import BackendSpec, VectorBackend, make_backend, parse_backend
 from .backends.base import IndexReport
 from .errors import GalleryError, IndexCorruptError, PersonExistsError, PersonNotFoundError, StoreError
+from .library import PhotoLibrary
+from .space import EmbeddingSpace
 from .models import FaceRow, GallerySetting, GalleryState, Person
 from .store import IdentityStore, sqlite_path
 from .vectors import AUTO_APPROXIMATE_FROM, INDEX_KINDS, VectorIndex, resolve_kind
@@ -234,38 +236,38 @@ class Gallery:
             return generation, (0, 0, 0, 0)
         return generation, (int(count), int(low), int(high), int(total))
 
-    def _read_vectors(self, engine_name: str, engine_version: str, dim: int) -> tuple[int, np.ndarray, np.ndarray]:
+    def _read_vectors(self, space: EmbeddingSpace) -> tuple[int, np.ndarray, np.ndarray]:
         """Generation, ids and vectors of an engine's faces, streamed in chunks (no per-row objects kept)."""
         id_parts: list[np.ndarray] = []
         vector_parts: list[np.ndarray] = []
         with self.store.session() as session:
-            generation = self.store.generation(session, engine_name)
+            generation = self.store.generation(session, space.name)
             result = session.execute(
-                select(FaceRow.id, FaceRow.embedding).where(FaceRow.engine == engine_name,
-                                                            FaceRow.engine_version == engine_version)
+                select(FaceRow.id, FaceRow.embedding).where(FaceRow.engine == space.name,
+                                                            FaceRow.engine_version == space.version)
                 .order_by(FaceRow.id).execution_options(yield_per=20_000)
             )
             for chunk in result.partitions():
                 blob = b"".join(row[1] for row in chunk)
-                if len(blob) != len(chunk) * dim * 4:
-                    raise ValueError(f"the database holds embeddings of engine {engine_name} {engine_version} "
-                                     f"whose dimension is not {dim}")
+                if len(blob) != len(chunk) * space.dim * 4:
+                    raise ValueError(f"the database holds embeddings of engine {space.name} {space.version} "
+                                     f"whose dimension is not {space.dim}")
                 id_parts.append(np.fromiter((row[0] for row in chunk), dtype=np.int64, count=len(chunk)))
-                vector_parts.append(np.frombuffer(blob, dtype=np.float32).reshape(len(chunk), dim))
+                vector_parts.append(np.frombuffer(blob, dtype=np.float32).reshape(len(chunk), space.dim))
         if not id_parts:
-            return generation, np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+            return generation, np.zeros(0, np.int64), np.zeros((0, space.dim), np.float32)
         return generation, np.concatenate(id_parts), np.concatenate(vector_parts)
 
-    def _rebuild(self, engine_name: str, engine_version: str, dim: int, reason: str | None) -> VectorIndex:
+    def _rebuild(self, space: EmbeddingSpace, reason: str | None) -> VectorIndex:
         """Build the index from the database and save it (caller holds the lock); ``auto`` chooses its kind."""
-        generation, ids, vectors = self._read_vectors(engine_name, engine_version, dim)
+        generation, ids, vectors = self._read_vectors(space)
         kind = resolve_kind(self.index_kind, len(ids), approximate_from=self.approximate_from)
-        index = VectorIndex(engine_name, engine_version, dim, kind=kind, generation=generation)
+        index = VectorIndex(space, kind=kind, generation=generation)
         index.add(ids, vectors)
         del vectors
         self._save_index(index, generation)
         if reason:
-            self._notify(f"index for engine {engine_name} {reason}: rebuilt from the database "
+            self._notify(f"index for engine {space.name} {reason}: rebuilt from the database "
                          f"({len(ids)} faces, {kind} index)")
         return index
 
@@ -278,59 +280,59 @@ class Gallery:
                 "is intact and the index will be rebuilt on next use (free some disk space first)"
             ) from exc
 
-    def _verify_or_rebuild(self, engine_name: str, engine_version: str, dim: int, *, deep: bool) -> VectorIndex:
+    def _verify_or_rebuild(self, space: EmbeddingSpace, *, deep: bool) -> VectorIndex:
         """Load the index file, compare with the database, rebuild if they disagree (lock held).
 
         ``deep`` (first use in this process) also compares the ids' fingerprint
         (count, min, max, sum); :meth:`check_index` compares the full lists.
         """
-        path = self.index_path(engine_name)
+        path = self.index_path(space.name)
         # Usually every face of an engine has the current version: the cheaper query then says it all.
-        generation, db_ids = self._db_summary(engine_name, None) if deep else (None, None)
+        generation, db_ids = self._db_summary(space.name, None) if deep else (None, None)
         if generation is None:
             with self.store.session() as session:
-                generation = self.store.generation(session, engine_name)
+                generation = self.store.generation(session, space.name)
         if not path.exists():
-            return self._rebuild(engine_name, engine_version, dim, "was missing" if generation else None)
+            return self._rebuild(space, "was missing" if generation else None)
         try:
             index = VectorIndex.load(path)
         except IndexCorruptError as exc:
-            return self._rebuild(engine_name, engine_version, dim, f"was unreadable ({exc})")
-        if index.header.engine_version != engine_version or index.dim != dim:
-            return self._rebuild(engine_name, engine_version, dim,
+            return self._rebuild(space, f"was unreadable ({exc})")
+        if index.header.engine_version != space.version or index.dim != space.dim:
+            return self._rebuild(space,
                                  f"belonged to engine version {index.header.engine_version}")
         if index.generation != generation:
-            return self._rebuild(engine_name, engine_version, dim,
+            return self._rebuild(space,
                                  f"was out of date (generation {index.generation}, database {generation})")
         if self.index_kind != "auto" and index.kind != self.index_kind:
-            return self._rebuild(engine_name, engine_version, dim,
+            return self._rebuild(space,
                                  f"was of kind {index.kind}, this gallery uses {self.index_kind}")
         if deep:
             index_ids = index.id_summary()
             if index_ids != db_ids:
-                generation, db_ids = self._db_summary(engine_name, engine_version)
+                generation, db_ids = self._db_summary(space.name, space.version)
             if index_ids != db_ids or index.generation != generation:
-                return self._rebuild(engine_name, engine_version, dim, "disagreed with the database")
+                return self._rebuild(space, "disagreed with the database")
         return index
 
-    def vectors(self, engine_name: str, engine_version: str, dim: int) -> VectorIndex:
+    def vectors(self, space: EmbeddingSpace) -> VectorIndex:
         """The up-to-date index of an engine (loaded once, reloaded when the database moves on)."""
-        cached = self._indexes.get(engine_name)
+        cached = self._indexes.get(space.name)
         with self.store.session() as session:
-            generation = self.store.generation(session, engine_name)
-        if cached is not None and cached.generation == generation and cached.header.engine_version == engine_version:
+            generation = self.store.generation(session, space.name)
+        if cached is not None and cached.generation == generation and cached.header.engine_version == space.version:
             return cached
         # Fast path without the lock: a newer index file written by another process.
-        path = self.index_path(engine_name)
+        path = self.index_path(space.name)
         if cached is not None and path.exists():
             with contextlib.suppress(IndexCorruptError):
                 fresh = VectorIndex.load(path)
-                if fresh.generation == generation and fresh.header.engine_version == engine_version:
-                    self._indexes[engine_name] = fresh
+                if fresh.generation == generation and fresh.header.engine_version == space.version:
+                    self._indexes[space.name] = fresh
                     return fresh
         with self.locked():
-            index = self._verify_or_rebuild(engine_name, engine_version, dim, deep=cached is None)
-        self._indexes[engine_name] = index
+            index = self._verify_or_rebuild(space, deep=cached is None)
+        self._indexes[space.name] = index
         return index
 
     def check_index(self, engine_name: str, engine_version: str) -> IndexReport:
@@ -364,12 +366,33 @@ class Gallery:
         return IndexReport(engine_name, engine_version, int(len(db_ids)), index_faces, generation, index_generation,
                            tuple(problems))
 
-    def rebuild_index(self, engine_name: str, engine_version: str, dim: int) -> int:
-        return self.backend.rebuild(engine_name, engine_version, dim)
+    def rebuild_index(self, space: EmbeddingSpace) -> int:
+        return self.backend.rebuild(space)
 
     def engines_in_store(self) -> list[str]:
         with self.store.session() as session:
             return sorted(session.scalars(select(FaceRow.engine).distinct()))
+
+    def engine_versions(self, engine_name: str) -> set[str]:
+        """The engine versions of this engine's enrolled faces."""
+        with self.store.session() as session:
+            return set(session.scalars(select(FaceRow.engine_version).where(FaceRow.engine == engine_name)
+                                       .distinct()))
+
+    def face_ids(self) -> set[int]:
+        """The ids of every enrolled face (all engines)."""
+        with self.store.session() as session:
+            return set(session.scalars(select(FaceRow.id)))
+
+    def embeddings_by_person(self) -> list[tuple[str, bytes]]:
+        """``(person name, embedding bytes)`` of every enrolled face (all engines)."""
+        with self.store.session() as session:
+            return session.execute(select(Person.name, FaceRow.embedding).join(FaceRow)).all()
+
+    @property
+    def library(self) -> PhotoLibrary:
+        """The photo library of ``jointface cluster`` (:mod:`index.library`)."""
+        return PhotoLibrary(self)
 
     def enrolled_hashes(self, engine_name: str) -> set[tuple[str, str]]:
         """``(person name, photo file SHA-256)`` of every face enrolled with this engine."""
@@ -379,8 +402,7 @@ class Gallery:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def add_faces(self, engine_name: str, engine_version: str, dim: int,
-                  faces: Sequence[NewFace]) -> list[int | None]:
+    def add_faces(self, space: EmbeddingSpace, faces: Sequence[NewFace]) -> list[int | None]:
         """Enrol faces in one transaction; returns each face's row id, ``None`` for a duplicate.
 
         A duplicate is the same image (sha256) already enrolled for the same
@@ -389,7 +411,7 @@ class Gallery:
         if not faces:
             return []
         with self.locked():
-            token = self.backend.begin_add(engine_name, engine_version, dim)
+            token = self.backend.begin_add(space)
             results: list[int | None] = []
             added_ids: list[int] = []
             added_vectors: list[np.ndarray] = []
@@ -404,7 +426,7 @@ class Gallery:
                 for chunk in iter_chunks([person.id for person in people.values()], 500):
                     enrolled.update(session.execute(
                         select(FaceRow.person_id, FaceRow.source_sha256)
-                        .where(FaceRow.person_id.in_(chunk), FaceRow.engine == engine_name)).all())
+                        .where(FaceRow.person_id.in_(chunk), FaceRow.engine == space.name)).all())
                 newcomers = [Person(name=name, meta={}) for name in names if name not in people]
                 if newcomers:
                     session.add_all(newcomers)
@@ -420,10 +442,11 @@ class Gallery:
                         continue
                     enrolled.add(key)
                     vector = np.ascontiguousarray(face.embedding, dtype=np.float32).reshape(-1)
-                    if vector.shape[0] != dim:
-                        raise ValueError(f"embedding has dimension {vector.shape[0]}, engine {engine_name} has {dim}")
-                    rows.append(FaceRow(person_id=person.id, engine=engine_name, engine_version=engine_version,
-                                        dim=dim, embedding=vector.tobytes(), box_x1=face.box[0],
+                    if vector.shape[0] != space.dim:
+                        raise ValueError(f"embedding has dimension {vector.shape[0]}, engine {space.name} has "
+                                         f"{space.dim}")
+                    rows.append(FaceRow(person_id=person.id, engine=space.name, engine_version=space.version,
+                                        dim=space.dim, embedding=vector.tobytes(), box_x1=face.box[0],
                                         box_y1=face.box[1], box_x2=face.box[2], box_y2=face.box[3],
                                         det_score=float(face.score), source_path=str(face.source_path),
                                         source_sha256=face.source_sha256))
@@ -435,17 +458,16 @@ class Gallery:
                     for position, row in zip(slots, rows):
                         results[position] = row.id
                     added_ids = [row.id for row in rows]
-                    self.backend.add_in_transaction(session, engine_name, engine_version, dim,
-                                                    np.array(added_ids, dtype=np.int64), np.stack(added_vectors))
-                generation = self.store.bump_generation(session, engine_name) if added_ids else None
+                    self.backend.add_in_transaction(session, space, np.array(added_ids, dtype=np.int64),
+                                                    np.stack(added_vectors))
+                generation = self.store.bump_generation(session, space.name) if added_ids else None
             # Committed. Now the index; a crash from here on is repaired on next open.
-            self.backend.add_after_commit(token, engine_name, engine_version, dim,
-                                          np.array(added_ids, dtype=np.int64),
-                                          np.stack(added_vectors) if added_vectors else np.zeros((0, dim), np.float32),
-                                          generation)
+            self.backend.add_after_commit(token, space, np.array(added_ids, dtype=np.int64),
+                                          np.stack(added_vectors) if added_vectors
+                                          else np.zeros((0, space.dim), np.float32), generation)
         return results
 
-    def _index_to_change(self, engine_name: str, engine_version: str, dim: int) -> VectorIndex:
+    def _index_to_change(self, space: EmbeddingSpace) -> VectorIndex:
         """The index that a write extends (lock held).
 
         The one in memory when it mirrors the database's current generation
@@ -453,14 +475,14 @@ class Gallery:
         while the lock is held), so a big index is not read back from disk
         before every batch; otherwise the file, verified.
         """
-        cached = self._indexes.get(engine_name)
+        cached = self._indexes.get(space.name)
         if cached is not None:
             with self.store.session() as session:
-                generation = self.store.generation(session, engine_name)
-            if (cached.generation == generation and cached.header.engine_version == engine_version
-                    and cached.dim == dim and self.index_kind in ("auto", cached.kind)):
+                generation = self.store.generation(session, space.name)
+            if (cached.generation == generation and cached.header.engine_version == space.version
+                    and cached.dim == space.dim and self.index_kind in ("auto", cached.kind)):
                 return cached
-        return self._verify_or_rebuild(engine_name, engine_version, dim, deep=cached is None)
+        return self._verify_or_rebuild(space, deep=cached is None)
 
     def _after_delete(self, face_ids_by_engine: dict[str, list[int]], generations: dict[str, int]) -> None:
         """Remove deleted faces' vectors from the index files (lock held, database committed)."""
@@ -575,13 +597,12 @@ class Gallery:
     def people(self):
         return self.store.people()
 
-    def search(self, engine_name: str, engine_version: str, dim: int, queries: np.ndarray,
-               top_k: int = 5) -> list[list[SearchHit]]:
+    def search(self, space: EmbeddingSpace, queries: np.ndarray, top_k: int = 5) -> list[list[SearchHit]]:
         """Best ``top_k`` people per query embedding, best first (one hit per person)."""
-        queries = np.asarray(queries, dtype=np.float32).reshape(-1, dim)
+        queries = np.asarray(queries, dtype=np.float32).reshape(-1, space.dim)
         if len(queries) == 0:
             return []
-        sims, ids = self.backend.search(engine_name, engine_version, dim, queries, max(top_k * 8, 32))
+        sims, ids = self.backend.search(space, queries, max(top_k * 8, 32))
         names = self._face_names(sorted({int(i) for i in ids.ravel() if i >= 0}))
         results: list[list[SearchHit]] = []
         for row_sims, row_ids in zip(sims, ids):

@@ -59,6 +59,7 @@ import faiss
 import numpy as np
 
 from .errors import IndexCorruptError
+from .space import EmbeddingSpace
 
 MAGIC = b"JFIDX1\n"
 KINDS = ("flat", "ivf", "hnsw")
@@ -127,9 +128,9 @@ def _new_faiss_index(kind: str, dim: int, nlist: int = 1):
 class VectorIndex:
     """One engine's vectors, with the generation of the database it mirrors."""
 
-    def __init__(self, engine: str, engine_version: str, dim: int, kind: str = "flat", generation: int = 0):
-        self.header = IndexHeader(engine, engine_version, dim, kind, generation)
-        self.index = _new_faiss_index(kind, dim)
+    def __init__(self, space: EmbeddingSpace, kind: str = "flat", generation: int = 0):
+        self.header = IndexHeader(space.name, space.version, space.dim, kind, generation)
+        self.index = _new_faiss_index(kind, space.dim)
         self._tombstones: set[int] = set()
 
     # -- contents ---------------------------------------------------------------------------

@@ -29,18 +29,16 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
-from sqlalchemy import delete, func, select, update
 
 from index import Gallery
-from index.errors import GalleryError
+from index.errors import ClusterError
 from index.gallery import NewFace, validate_person_name
-from index.models import FaceCluster, FaceRow, LibraryFace, LibraryPhoto, Person
+from index.library import IGNORED, NAMED, OPEN, Grouping, ScannedPhoto
+from index.space import EmbeddingSpace
 
-from .engines import Engine, Face
+from .engines import Engine
 from .imageio import ImageLoadError, load_image, load_image_reduced
 from .service import detect_grouped, file_sha256, resolve_threshold
-
-OPEN, NAMED, IGNORED = "open", "named", "ignored"
 
 #: Grouping methods (``--method``). Chosen by measurement, ``jointface bench cluster`` on the full protocol
 #: (benchmarks/results/cluster.json, README): Chinese whispers leads DBSCAN for both engines. HDBSCAN scores
@@ -61,10 +59,6 @@ HDBSCAN_BRUTE_UP_TO = 8000
 SPLIT_STRICTER = 0.35
 #: Neighbours per face in the similarity graph (Chinese whispers).
 GRAPH_NEIGHBOURS = 64
-
-
-class ClusterError(GalleryError):
-    """A cluster operation that cannot be done (unknown id, wrong state); the message says why."""
 
 
 def default_threshold(engine_name: str, engine_default: float | None = None) -> float:
@@ -230,13 +224,7 @@ def scan(gallery: Gallery, engine: Engine, paths: Iterable[Path], *, batch_size:
     than the engine needs are decoded smaller (boxes are in full-size pixels).
     """
     report = ScanReport()
-    with gallery.store.session() as session:
-        known_paths = {path: (size, mtime, sha) for path, size, mtime, sha in session.execute(
-            select(LibraryPhoto.path, LibraryPhoto.size_bytes, LibraryPhoto.mtime_ns, LibraryPhoto.sha256)
-            .where(LibraryPhoto.engine == engine.name, LibraryPhoto.engine_version == engine.version))}
-        known_shas = {sha: (photo_id, path) for sha, photo_id, path in session.execute(
-            select(LibraryPhoto.sha256, LibraryPhoto.id, LibraryPhoto.path)
-            .where(LibraryPhoto.engine == engine.name, LibraryPhoto.engine_version == engine.version))}
+    known_paths, known_shas = gallery.library.known_photos(engine.name, engine.version)
     queued: list[tuple[ScanOutcome, np.ndarray, float, tuple[int, int], str, tuple[int, int]]] = []
     moved: list[tuple[int, str, int, int]] = []
 
@@ -249,18 +237,14 @@ def scan(gallery: Gallery, engine: Engine, paths: Iterable[Path], *, batch_size:
         if not queued and not moved:
             return
         found = detect_grouped(engine, [image for _, image, *_ in queued]) if queued else []
-        with gallery.store.session() as session:
-            for photo_id, path, size, mtime in moved:  # the same photo at a new path (or touched): remember it
-                session.execute(update(LibraryPhoto).where(LibraryPhoto.id == photo_id)
-                                .values(path=path, size_bytes=size, mtime_ns=mtime))
-            for (outcome, image, scale, (width, height), sha, (size, mtime)), faces in zip(queued, found):
-                photo = LibraryPhoto(engine=engine.name, engine_version=engine.version, path=str(outcome.path),
-                                     sha256=sha, size_bytes=size, mtime_ns=mtime, width=width, height=height,
-                                     face_count=len(faces))
-                session.add(photo)
-                session.flush()
-                session.add_all(_face_row(photo.id, engine, face, scale) for face in faces)
-                outcome.faces = len(faces)
+        photos = []
+        for (outcome, image, scale, (width, height), sha, (size, mtime)), faces in zip(queued, found):
+            photos.append(ScannedPhoto(str(outcome.path), sha, size, mtime, width, height,
+                                       [([float(v) * scale for v in face.box], face.embedding, float(face.score))
+                                        for face in faces]))
+            outcome.faces = len(faces)
+        # the same photo at a new path (or touched) is remembered there; new photos are stored with their faces
+        gallery.library.record_scan(engine.name, engine.version, moved, photos)
         for outcome, *_ in queued:
             finish(outcome)
         queued.clear()
@@ -318,14 +302,6 @@ def scan(gallery: Gallery, engine: Engine, paths: Iterable[Path], *, batch_size:
     return report
 
 
-def _face_row(photo_id: int, engine: Engine, face: Face, scale: float) -> LibraryFace:
-    box = [float(v) * scale for v in face.box]
-    vector = np.ascontiguousarray(face.embedding, dtype=np.float32).reshape(-1)
-    return LibraryFace(photo_id=photo_id, engine=engine.name, engine_version=engine.version, dim=int(vector.size),
-                       embedding=vector.tobytes(), box_x1=box[0], box_y1=box[1], box_x2=box[2], box_y2=box[3],
-                       det_score=float(face.score))
-
-
 # -- clustering the library ----------------------------------------------------------------------
 
 
@@ -348,15 +324,11 @@ def _vectors(rows: Sequence[bytes], dim: int) -> np.ndarray:
     return np.frombuffer(b"".join(rows), dtype=np.float32).reshape(len(rows), dim)
 
 
-def _gallery_matches(gallery: Gallery, engine_name: str, engine_version: str, dim: int,
-                     vectors: np.ndarray) -> list[tuple[str, float] | None]:
+def _gallery_matches(gallery: Gallery, space: EmbeddingSpace, vectors: np.ndarray) -> list[tuple[str, float] | None]:
     """Best enrolled person and similarity per vector; all ``None`` when the gallery has none of this engine."""
-    with gallery.store.session() as session:
-        versions = set(session.scalars(select(FaceRow.engine_version).where(FaceRow.engine == engine_name)
-                                       .distinct()))
-    if versions != {engine_version} or len(vectors) == 0:
+    if gallery.engine_versions(space.name) != {space.version} or len(vectors) == 0:
         return [None] * len(vectors)
-    hits = gallery.search(engine_name, engine_version, dim, vectors, top_k=1)
+    hits = gallery.search(space, vectors, top_k=1)
     return [(row[0].name, row[0].similarity) if row else None for row in hits]
 
 
@@ -370,14 +342,7 @@ def recluster(gallery: Gallery, engine_name: str, engine_version: str, *, method
     grouping method's cosine similarity (default :func:`default_threshold`).
     """
     threshold = default_threshold(engine_name) if threshold is None and method != "hdbscan" else threshold
-    with gallery.store.session() as session:
-        rows = session.execute(select(LibraryFace.id, LibraryFace.embedding, LibraryFace.dim, LibraryFace.cluster_id)
-                               .where(LibraryFace.engine == engine_name,
-                                      LibraryFace.engine_version == engine_version)
-                               .order_by(LibraryFace.id)).all()
-        clusters = {c.id: (c.status, c.person_id) for c in session.scalars(
-            select(FaceCluster).where(FaceCluster.engine == engine_name,
-                                      FaceCluster.engine_version == engine_version))}
+    rows, clusters = gallery.library.faces_and_clusters(engine_name, engine_version)
     # a named cluster whose person was removed is open again
     orphans = [cid for cid, (status, person_id) in clusters.items() if status == NAMED and person_id is None]
     clusters.update({cid: (OPEN, None) for cid in orphans})
@@ -398,8 +363,8 @@ def recluster(gallery: Gallery, engine_name: str, engine_version: str, *, method
     open_positions = np.flatnonzero(~is_frozen)
     matches = [None] * len(rows)
     if match_threshold is not None and len(open_positions):
-        for position, hit in zip(open_positions, _gallery_matches(gallery, engine_name, engine_version, dim,
-                                                                  vectors[open_positions])):
+        space = EmbeddingSpace(engine_name, engine_version, dim)
+        for position, hit in zip(open_positions, _gallery_matches(gallery, space, vectors[open_positions])):
             if hit is not None and hit[1] >= match_threshold:
                 matches[position] = hit
     matched = np.array([m is not None for m in matches], bool)
@@ -409,81 +374,46 @@ def recluster(gallery: Gallery, engine_name: str, engine_version: str, *, method
     labels = cluster_embeddings(vectors[grouped], method=method, threshold=threshold if threshold else 0.0,
                                 min_faces=1, min_samples=min_samples)
 
-    with gallery.locked(), gallery.store.session() as session:
-        people = {name: pid for name, pid in session.execute(select(Person.name, Person.id))}
-        named_of_person: dict[int, int] = {}
-        for cluster_id, (status, person_id) in sorted(clusters.items()):
-            if status == NAMED and person_id is not None:
-                named_of_person.setdefault(person_id, cluster_id)
-        new_cluster: dict[int, int | None] = {}  # position -> cluster id
-        new_person: dict[int, int | None] = {}
-
-        def cluster_row(status: str, person_id: int | None = None) -> int:
-            row = FaceCluster(engine=engine_name, engine_version=engine_version, status=status, person_id=person_id)
-            session.add(row)
-            session.flush()
-            clusters[row.id] = (status, person_id)
-            return row.id
-
-        for position in np.flatnonzero(matched):
-            person_id = people.get(matches[position][0])
-            if person_id is None:  # removed meanwhile
-                continue
-            if person_id not in named_of_person:
-                named_of_person[person_id] = cluster_row(NAMED, person_id)
-            new_cluster[position] = named_of_person[person_id]
-            new_person[position] = person_id
-        # groups: those holding ignored faces join the ignored cluster most of them are in
-        by_label: dict[int, list[int]] = {}
-        for position, label in zip(grouped.tolist(), labels.tolist()):
-            by_label.setdefault(label, []).append(position)
-        open_groups: list[list[int]] = []
-        for label, members in by_label.items():
-            if label < 0:  # noise (HDBSCAN): unclustered
-                continue
-            ignored_ids = [old_cluster[p] for p in members if ignored[p]]
-            newcomers = [p for p in members if not ignored[p]]
-            if ignored_ids:
-                target = max(sorted(set(ignored_ids)), key=ignored_ids.count)
-                for position in newcomers:
-                    new_cluster[position] = target
-            elif len(newcomers) >= min_faces:
-                open_groups.append(newcomers)
-        # open groups keep the open cluster id most of their faces had (largest groups choose first)
-        open_groups.sort(key=lambda members: (-len(members), members[0]))
-        taken: set[int] = set()
-        for members in open_groups:
-            previous = [old_cluster[p] for p in members
-                        if old_cluster[p] is not None and clusters.get(old_cluster[p], (None,))[0] == OPEN
-                        and old_cluster[p] not in taken]
-            target = max(sorted(set(previous)), key=previous.count) if previous else cluster_row(OPEN)
+    # faces that matched a person join that person's named cluster; groups holding ignored faces join the
+    # ignored cluster most of them are in; open groups keep the open cluster id most of their faces had
+    # (largest groups choose first), or get a new one
+    grouping = Grouping(faces=[int(face_ids[p]) for p in np.flatnonzero(~is_frozen)], reopened=orphans)
+    for position in np.flatnonzero(matched):
+        grouping.person[int(face_ids[position])] = matches[position][0]
+    by_label: dict[int, list[int]] = {}
+    for position, label in zip(grouped.tolist(), labels.tolist()):
+        by_label.setdefault(label, []).append(position)
+    open_groups: list[list[int]] = []
+    for label, members in by_label.items():
+        if label < 0:  # noise (HDBSCAN): unclustered
+            continue
+        ignored_ids = [old_cluster[p] for p in members if ignored[p]]
+        newcomers = [p for p in members if not ignored[p]]
+        if ignored_ids:
+            target = max(sorted(set(ignored_ids)), key=ignored_ids.count)
+            grouping.cluster.update((int(face_ids[p]), target) for p in newcomers)
+        elif len(newcomers) >= min_faces:
+            open_groups.append(newcomers)
+    open_groups.sort(key=lambda members: (-len(members), members[0]))
+    taken: set[int] = set()
+    for members in open_groups:
+        previous = [old_cluster[p] for p in members
+                    if old_cluster[p] is not None and clusters.get(old_cluster[p], (None,))[0] == OPEN
+                    and old_cluster[p] not in taken]
+        if previous:
+            target = max(sorted(set(previous)), key=previous.count)
             taken.add(target)
-            for position in members:
-                new_cluster[position] = target
-        for position in np.flatnonzero(~is_frozen):
-            session.execute(update(LibraryFace).where(LibraryFace.id == int(face_ids[position]))
-                            .values(cluster_id=new_cluster.get(position), person_id=new_person.get(position)))
-        if orphans:
-            session.execute(update(FaceCluster).where(FaceCluster.id.in_(orphans)).values(status=OPEN))
-        used = set(session.scalars(select(LibraryFace.cluster_id).where(LibraryFace.cluster_id.is_not(None))
-                                   .distinct()))
-        empty = [cid for cid, (status, _) in clusters.items() if cid not in used and status != NAMED]
-        if empty:
-            session.execute(delete(FaceCluster).where(FaceCluster.id.in_(empty)))
+            grouping.cluster.update((int(face_ids[p]), target) for p in members)
+        else:
+            grouping.new_open.append([int(face_ids[p]) for p in members])
+    gallery.library.write_grouping(engine_name, engine_version, clusters, grouping)
     return _summary(gallery, engine_name, engine_version, int(matched.sum()), method, threshold, min_faces)
 
 
 def _summary(gallery: Gallery, engine_name: str, engine_version: str, matched: int, method: str,
              threshold: float | None, min_faces: int) -> ClusterSummary:
-    with gallery.store.session() as session:
-        condition = (LibraryFace.engine == engine_name) & (LibraryFace.engine_version == engine_version)
-        faces = session.scalar(select(func.count()).select_from(LibraryFace).where(condition))
-        unclustered = session.scalar(select(func.count()).select_from(LibraryFace)
-                                     .where(condition, LibraryFace.cluster_id.is_(None)))
-        counts = dict(session.execute(select(FaceCluster.status, func.count()).where(
-            FaceCluster.engine == engine_name, FaceCluster.engine_version == engine_version)
-            .group_by(FaceCluster.status)).all())
-    return ClusterSummary(int(faces), counts.get(OPEN, 0), counts.get(NAMED, 0), counts.get(IGNORED, 0),
+    faces, unclustered, counts = gallery.library.summary_counts(engine_name, engine_version)
+    return ClusterSummary(faces, counts.get(OPEN, 0), counts.get(NAMED, 0), counts.get(IGNORED, 0),
                           int(unclustered), matched, method, threshold, min_faces)
 
 
@@ -530,25 +460,8 @@ class ClusterInfo:
 
 def _load_clusters(gallery: Gallery, *, cluster_ids: Sequence[int] | None = None, engine_name: str | None = None,
                    with_faces: bool = False, include_ignored: bool = True) -> list[ClusterInfo]:
-    with gallery.store.session() as session:
-        query = select(FaceCluster, Person.name).outerjoin(Person, FaceCluster.person_id == Person.id)
-        if cluster_ids is not None:
-            query = query.where(FaceCluster.id.in_(list(cluster_ids)))
-        if engine_name is not None:
-            query = query.where(FaceCluster.engine == engine_name)
-        if not include_ignored:
-            query = query.where(FaceCluster.status != IGNORED)
-        clusters = session.execute(query).all()
-        faces: dict[int, list] = {}
-        ids = [cluster.id for cluster, _ in clusters]
-        for start in range(0, len(ids), 500):
-            for row in session.execute(
-                    select(LibraryFace.id, LibraryFace.cluster_id, LibraryFace.embedding, LibraryFace.dim,
-                           LibraryFace.box_x1, LibraryFace.box_y1, LibraryFace.box_x2, LibraryFace.box_y2,
-                           LibraryFace.det_score, LibraryFace.face_id, LibraryPhoto.path, LibraryPhoto.sha256)
-                    .join(LibraryPhoto, LibraryFace.photo_id == LibraryPhoto.id)
-                    .where(LibraryFace.cluster_id.in_(ids[start:start + 500])).order_by(LibraryFace.id)):
-                faces.setdefault(row.cluster_id, []).append(row)
+    clusters, faces = gallery.library.clusters_with_faces(cluster_ids=cluster_ids, engine_name=engine_name,
+                                                          include_ignored=include_ignored)
     infos = []
     pending_nearest: list[tuple[ClusterInfo, np.ndarray, int]] = []
     for cluster, person in clusters:
@@ -569,7 +482,8 @@ def _load_clusters(gallery: Gallery, *, cluster_ids: Sequence[int] | None = None
         if info.person is None:
             pending_nearest.append((info, centre, members[0].dim))
     for (engine_name_, version), group in _by_engine(pending_nearest).items():
-        hits = _gallery_matches(gallery, engine_name_, version, group[0][2], np.stack([c for _, c, _ in group]))
+        hits = _gallery_matches(gallery, EmbeddingSpace(engine_name_, version, group[0][2]),
+                                np.stack([c for _, c, _ in group]))
         for (info, _, _), hit in zip(group, hits):
             info.nearest = hit
     infos.sort(key=lambda info: (-info.size, info.id))
@@ -605,14 +519,7 @@ class LibraryCounts:
 
 
 def library_counts(gallery: Gallery, engine_name: str | None = None) -> LibraryCounts:
-    with gallery.store.session() as session:
-        photos = select(func.count()).select_from(LibraryPhoto)
-        faces = select(func.count()).select_from(LibraryFace)
-        if engine_name is not None:
-            photos = photos.where(LibraryPhoto.engine == engine_name)
-            faces = faces.where(LibraryFace.engine == engine_name)
-        return LibraryCounts(int(session.scalar(photos)), int(session.scalar(faces)),
-                             int(session.scalar(faces.where(LibraryFace.cluster_id.is_(None)))))
+    return LibraryCounts(*gallery.library.counts(engine_name))
 
 
 # -- contact sheets ------------------------------------------------------------------------------
@@ -696,20 +603,6 @@ def write_contact_sheet(info: ClusterInfo, out_path: Path, *, max_faces: int = 6
 # -- acting on clusters --------------------------------------------------------------------------
 
 
-def _cluster(session, cluster_id: int) -> FaceCluster:
-    cluster = session.get(FaceCluster, cluster_id)
-    if cluster is None:
-        raise ClusterError(f"no cluster with id {cluster_id} (see `jointface clusters list`)")
-    return cluster
-
-
-def _check_engine(cluster: FaceCluster, engine: Engine) -> None:
-    if engine.name != cluster.engine or engine.version != cluster.engine_version:
-        raise ClusterError(f"cluster {cluster.id} was made with engine {cluster.engine} {cluster.engine_version}; "
-                           f"the engine loaded is {engine.name} {engine.version} (run `jointface cluster` again "
-                           "with the current engine)")
-
-
 @dataclass
 class NameReport:
     cluster_id: int
@@ -728,42 +621,16 @@ def name_cluster(gallery: Gallery, cluster_id: int, name: str, engine: Engine) -
     person already has a cluster of this engine, this cluster's faces join it.
     """
     name = validate_person_name(name)
-    with gallery.store.session() as session:
-        cluster = _cluster(session, cluster_id)
-        _check_engine(cluster, engine)
-        if cluster.status == NAMED and cluster.person_id is not None:
-            current = session.get(Person, cluster.person_id)
-            if current is not None and current.name != name:
-                raise ClusterError(f"cluster {cluster_id} is named {current.name} already (use `jointface people "
-                                   f"rename` to rename the person)")
-        rows = session.execute(select(LibraryFace, LibraryPhoto.path, LibraryPhoto.sha256)
-                               .join(LibraryPhoto, LibraryFace.photo_id == LibraryPhoto.id)
-                               .where(LibraryFace.cluster_id == cluster_id).order_by(LibraryFace.id)).all()
-        session.expunge_all()
+    rows = gallery.library.faces_to_name(cluster_id, name, engine.name, engine.version)
     if not rows:
         raise ClusterError(f"cluster {cluster_id} has no faces")
     missing = [path for path in dict.fromkeys(path for _, path, _ in rows) if not Path(path).exists()]
     new_faces = [NewFace(person=name, embedding=face.vector, box=face.box, score=face.det_score, source_path=path,
                          source_sha256=sha) for face, path, sha in rows]
-    added = gallery.add_faces(engine.name, engine.version, engine.dim, new_faces)
-    with gallery.locked(), gallery.store.session() as session:
-        cluster = _cluster(session, cluster_id)
-        person = session.scalar(select(Person).where(Person.name == name))
-        if person is None:
-            raise ClusterError(f"{name} was removed while the cluster was being named; nothing was changed")
-        enrolled_ids = dict(session.execute(select(FaceRow.source_sha256, FaceRow.id).where(
-            FaceRow.person_id == person.id, FaceRow.engine == engine.name)).all())
-        target = session.scalar(select(FaceCluster.id).where(
-            FaceCluster.person_id == person.id, FaceCluster.status == NAMED, FaceCluster.engine == engine.name,
-            FaceCluster.engine_version == engine.version, FaceCluster.id != cluster_id).order_by(FaceCluster.id))
-        for face, _, sha in rows:
-            session.execute(update(LibraryFace).where(LibraryFace.id == face.id).values(
-                person_id=person.id, face_id=enrolled_ids.get(sha), cluster_id=target or cluster_id))
-        if target is not None:
-            session.delete(cluster)
-        else:
-            cluster.status, cluster.person_id = NAMED, person.id
-    return NameReport(target or cluster_id, name, sum(i is not None for i in added),
+    added = gallery.add_faces(engine.space, new_faces)
+    named = gallery.library.mark_named(cluster_id, name, engine.name, engine.version,
+                                       [(face.id, sha) for face, _, sha in rows])
+    return NameReport(named, name, sum(i is not None for i in added),
                       sum(i is None for i in added), missing)
 
 
@@ -776,26 +643,10 @@ def merge_clusters(gallery: Gallery, into: int, source: int, engine: Engine | No
     """
     if into == source:
         raise ClusterError("cannot merge a cluster with itself")
-    with gallery.store.session() as session:
-        target, other = _cluster(session, into), _cluster(session, source)
-        if (target.engine, target.engine_version) != (other.engine, other.engine_version):
-            raise ClusterError(f"clusters {into} and {source} were made with different engines")
-        people = {c.person_id for c in (target, other) if c.status == NAMED and c.person_id is not None}
-        if len(people) > 1:
-            names = [session.get(Person, pid).name for pid in sorted(people)]
-            raise ClusterError(f"clusters {into} and {source} are named {names[0]} and {names[1]}: use "
-                               f"`jointface people merge` to join the two people")
-        person = session.get(Person, people.pop()).name if people else None
+    person = gallery.library.merge_person(into, source)
     if person is not None and engine is None:
         raise ClusterError("merging into a named cluster enrols faces: an engine is needed")
-    with gallery.locked(), gallery.store.session() as session:
-        target, other = _cluster(session, into), _cluster(session, source)
-        session.execute(update(LibraryFace).where(LibraryFace.cluster_id == source).values(cluster_id=into))
-        session.delete(other)
-        if target.status == IGNORED and person is None:
-            pass  # faces joining an ignored cluster are ignored with it
-        elif person is None:
-            target.status = OPEN
+    gallery.library.merge(into, source, person)
     if person is not None:
         return name_cluster(gallery, into, person, engine)
     return None
@@ -809,13 +660,7 @@ def split_cluster(gallery: Gallery, cluster_id: int, *, threshold: float | None 
     engine's default threshold to 1. The largest part keeps the id; parts
     smaller than ``min_faces`` are left unclustered.
     """
-    with gallery.store.session() as session:
-        cluster = _cluster(session, cluster_id)
-        if cluster.status != OPEN:
-            raise ClusterError(f"cluster {cluster_id} is {cluster.status}: only open (unnamed) clusters can be split")
-        engine_name, engine_version = cluster.engine, cluster.engine_version
-        rows = session.execute(select(LibraryFace.id, LibraryFace.embedding, LibraryFace.dim)
-                               .where(LibraryFace.cluster_id == cluster_id).order_by(LibraryFace.id)).all()
+    engine_name, engine_version, rows = gallery.library.open_cluster_faces(cluster_id)
     if not rows:
         raise ClusterError(f"cluster {cluster_id} has no faces")
     if threshold is None:
@@ -830,34 +675,12 @@ def split_cluster(gallery: Gallery, cluster_id: int, *, threshold: float | None 
     if not grouped:
         raise ClusterError(f"cluster {cluster_id} does not split at similarity {threshold:.3f}: no group of "
                            f"{min_faces} faces would be left; nothing was changed (try a lower --threshold)")
-    result: list[tuple[int, int]] = []
-    with gallery.locked(), gallery.store.session() as session:
-        for position, members in enumerate(grouped):
-            if position == 0:
-                target = cluster_id
-            else:
-                row = FaceCluster(engine=engine_name, engine_version=engine_version, status=OPEN)
-                session.add(row)
-                session.flush()
-                target = row.id
-            session.execute(update(LibraryFace).where(LibraryFace.id.in_(members)).values(cluster_id=target))
-            result.append((target, len(members)))
-        loose = parts.get(-1, [])
-        if loose:
-            session.execute(update(LibraryFace).where(LibraryFace.id.in_(loose)).values(cluster_id=None))
-    return result
+    return gallery.library.write_split(cluster_id, engine_name, engine_version, grouped, parts.get(-1, []))
 
 
 def ignore_cluster(gallery: Gallery, cluster_id: int, *, undo: bool = False) -> None:
     """Mark a cluster as strangers (``undo``: make it open again). Named clusters are refused."""
-    with gallery.locked(), gallery.store.session() as session:
-        cluster = _cluster(session, cluster_id)
-        if cluster.status == NAMED and cluster.person_id is not None:
-            raise ClusterError(f"cluster {cluster_id} is named (its faces are enrolled): remove the person with "
-                               "`jointface people remove` first")
-        if undo and cluster.status != IGNORED:
-            raise ClusterError(f"cluster {cluster_id} is not ignored")
-        cluster.status = OPEN if undo else IGNORED
+    gallery.library.set_ignored(cluster_id, undo=undo)
 
 
 def matching_threshold(gallery: Gallery, engine: Engine):

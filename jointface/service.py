@@ -203,7 +203,7 @@ class _Enrolment:
         """One transaction for the faces waiting; a face the gallery holds already is settled as skipped."""
         if not self.to_commit:
             return
-        face_ids = self.gallery.add_faces(self.engine.name, self.engine.version, self.engine.dim,
+        face_ids = self.gallery.add_faces(self.engine.space,
                                           [new for _, new in self.to_commit])
         for (outcome, _), face_id in zip(self.to_commit, face_ids):
             if face_id is None:
@@ -264,7 +264,7 @@ def identify(gallery: Gallery, engine: Engine, faces: Sequence[Face], *, top_k: 
     if not faces:
         return []
     queries = np.stack([face.embedding for face in faces])
-    hits = gallery.search(engine.name, engine.version, engine.dim, queries, top_k=top_k)
+    hits = gallery.search(engine.space, queries, top_k=top_k)
     results = []
     for face, face_hits in zip(faces, hits):
         best = face_hits[0] if face_hits else None

@@ -10,6 +10,7 @@ engine and the benchmark report read it. Layout (``torch.load(path, weights_only
      "identity_heads": classifier/margin/distillation tensors (fp16; not needed for inference),
      "training": {"step", "epoch", "metrics", "config", ...}}
 
+v2 files (``record["architecture"] == "v2"``) carry no ``format_version`` (they never did; no reader needs it).
 Tensors and plain Python values only: a file holding pickled code is refused. Importing this module does
 not import torch.
 """
@@ -50,14 +51,21 @@ def half_precision(state: dict) -> dict:
     return {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
 
 
-def write_weights(path: str | Path, *, record: dict, state_dict: dict, identity_heads: dict, training: dict) -> dict:
-    """Write a weights file (the layout above; give fp16 tensors); returns ``{"path", "bytes", "sha256"}``."""
+def write_weights(path: str | Path, *, record: dict, state_dict: dict, identity_heads: dict, training: dict,
+                  format_version: int | None = 1) -> dict:
+    """Write a weights file (the layout above; give fp16 tensors) through a temporary file, so a crash never
+    leaves half a file; ``format_version=None`` leaves the key out (v2). Returns ``{"path", "bytes", "sha256"}``."""
     import torch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": WEIGHTS_FORMAT, "format_version": 1, "record": record, "state_dict": state_dict,
-                "identity_heads": identity_heads, "training": training}, path)
+    payload = {"format": WEIGHTS_FORMAT, "format_version": format_version, "record": record,
+               "state_dict": state_dict, "identity_heads": identity_heads, "training": training}
+    if format_version is None:
+        del payload["format_version"]
+    temporary = path.with_suffix(".tmp")
+    torch.save(payload, temporary)
+    temporary.replace(path)
     data = path.read_bytes()
     size_mb = len(data) / 1e6
     if size_mb > SHIPPED_BUDGET_MB:

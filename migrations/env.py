@@ -15,33 +15,29 @@ config = context.config
 target_metadata = Base.metadata
 
 
-def _configure(connection) -> None:
-    context.configure(
-        connection=connection,
-        target_metadata=target_metadata,
-        render_as_batch=True,  # SQLite cannot ALTER most things: batch mode copies the table
-        compare_type=True,
-    )
+def _url() -> str:
+    """``-x url=...`` on the alembic command line, else the configuration's ``sqlalchemy.url``."""
+    return context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option("sqlalchemy.url")
+
+
+def _run(**options) -> None:
+    # render_as_batch: SQLite cannot ALTER most things, batch mode copies the table
+    context.configure(target_metadata=target_metadata, render_as_batch=True, **options)
     with context.begin_transaction():
         context.run_migrations()
 
 
 def run_migrations_offline() -> None:
-    url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option("sqlalchemy.url")
-    context.configure(url=url, target_metadata=target_metadata, literal_binds=True, render_as_batch=True)
-    with context.begin_transaction():
-        context.run_migrations()
+    _run(url=_url(), literal_binds=True)
 
 
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if connection is not None:
-        _configure(connection)
+        _run(connection=connection, compare_type=True)
         return
-    url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option("sqlalchemy.url")
-    engine = create_engine(url)
-    with engine.connect() as connection:
-        _configure(connection)
+    with create_engine(_url()).connect() as connection:
+        _run(connection=connection, compare_type=True)
 
 
 if context.is_offline_mode():

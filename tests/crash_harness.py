@@ -69,7 +69,7 @@ def check_gallery(home: Path) -> tuple[bool, str, int, bool]:
     notices: list[str] = []
     with Gallery.open(home, notify=notices.append) as gallery:
         problems = gallery.store.integrity_check()
-        gallery.vectors(engine.name, engine.version, engine.dim)  # opening repairs
+        gallery.vectors(engine.space)  # opening repairs
         report = gallery.check_index(engine.name, engine.version)
         problems += list(report.problems)
         faces = report.db_faces

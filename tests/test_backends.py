@@ -10,12 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from index import Gallery, GalleryError
+from index import EmbeddingSpace, Gallery, GalleryError
 from index.backends import parse_backend
 from index.gallery import NewFace
 
 DIM = 16
-ENGINE = ("t", "v1", DIM)
+ENGINE = EmbeddingSpace("t", "v1", DIM)
 BACKENDS = ["faiss", "pgvector", "milvus"]
 
 
@@ -48,16 +48,16 @@ def setup(backend, tmp_path, request):
 
 
 def top(gallery: Gallery, seed: int, k: int = 5) -> list[str]:
-    return [hit.name for hit in gallery.search(*ENGINE, unit(seed)[None], top_k=k)[0]]
+    return [hit.name for hit in gallery.search(ENGINE, unit(seed)[None], top_k=k)[0]]
 
 
 def test_enrol_search_duplicates_and_reopen(setup):
     with setup() as gallery:
         assert gallery.backend.name == setup.backend
-        ids = gallery.add_faces(*ENGINE, [face("ada", 1), face("bob", 2), face("ada", 3)])
+        ids = gallery.add_faces(ENGINE, [face("ada", 1), face("bob", 2), face("ada", 3)])
         assert all(isinstance(i, int) for i in ids)
-        assert gallery.add_faces(*ENGINE, [face("ada", 1)]) == [None]
-        hits = gallery.search(*ENGINE, unit(3)[None], top_k=5)[0]
+        assert gallery.add_faces(ENGINE, [face("ada", 1)]) == [None]
+        hits = gallery.search(ENGINE, unit(3)[None], top_k=5)[0]
         assert [h.name for h in hits] == ["ada", "bob"] and hits[0].similarity == pytest.approx(1.0, abs=1e-4)
         assert hits[0].face_id == ids[2]
         report = gallery.check_index("t", "v1")
@@ -69,7 +69,7 @@ def test_enrol_search_duplicates_and_reopen(setup):
 
 def test_remove_and_merge(setup):
     with setup() as gallery:
-        gallery.add_faces(*ENGINE, [face("ada", 1), face("ada2", 2), face("ada2", 5, sha="sha-ada-1"),
+        gallery.add_faces(ENGINE, [face("ada", 1), face("ada2", 2), face("ada2", 5, sha="sha-ada-1"),
                                     face("bob", 3), face("cy", 4)])
         assert gallery.remove_person("cy") == 1
         assert "cy" not in top(gallery, 4)
@@ -87,7 +87,7 @@ def test_crash_between_commit_and_vector_write(setup, monkeypatch):
     """FAISS and Milvus: the faces are committed, their vectors never written; the next open repairs.
     pgvector: the vectors are written in the transaction, so a crash before the commit leaves nothing."""
     with setup() as gallery:
-        gallery.add_faces(*ENGINE, [face("bob", 2)])
+        gallery.add_faces(ENGINE, [face("bob", 2)])
         backend_class = type(gallery.backend)
         if gallery.backend.transactional:
             real = backend_class.add_in_transaction
@@ -101,7 +101,7 @@ def test_crash_between_commit_and_vector_write(setup, monkeypatch):
                 raise KeyboardInterrupt("simulated crash after the commit")
             monkeypatch.setattr(backend_class, "add_after_commit", crash)
         with pytest.raises(KeyboardInterrupt):
-            gallery.add_faces(*ENGINE, [face("ada", 1)])
+            gallery.add_faces(ENGINE, [face("ada", 1)])
         transactional = gallery.backend.transactional
     monkeypatch.undo()
     notices: list[str] = []
@@ -118,7 +118,7 @@ def test_crash_between_commit_and_vector_write(setup, monkeypatch):
 
 def test_crash_between_delete_commit_and_vector_delete(setup, monkeypatch):
     with setup() as gallery:
-        gallery.add_faces(*ENGINE, [face("ada", 1), face("bob", 2)])
+        gallery.add_faces(ENGINE, [face("ada", 1), face("bob", 2)])
 
         def crash(self, *args, **kwargs):
             raise KeyboardInterrupt("simulated crash after the commit")
@@ -133,34 +133,34 @@ def test_crash_between_delete_commit_and_vector_delete(setup, monkeypatch):
 
 def test_rebuild_gives_the_same_results(setup):
     with setup() as gallery:
-        gallery.add_faces(*ENGINE, [face(f"p{i}", i) for i in range(60)])
+        gallery.add_faces(ENGINE, [face(f"p{i}", i) for i in range(60)])
         queries = np.stack([unit(1000 + i) for i in range(10)] + [unit(i) for i in range(10)])
         exact = np.argsort(-(np.stack([unit(i) for i in range(60)]) @ queries.T), axis=0)[0]
-        before = gallery.search(*ENGINE, queries, top_k=3)
+        before = gallery.search(ENGINE, queries, top_k=3)
         assert [hits[0].name for hits in before] == [f"p{i}" for i in exact]  # 60 faces: HNSW finds the best
-        assert gallery.rebuild_index(*ENGINE) == 60
-        after = gallery.search(*ENGINE, queries, top_k=3)
+        assert gallery.rebuild_index(ENGINE) == 60
+        after = gallery.search(ENGINE, queries, top_k=3)
         assert [[h.name for h in hits] for hits in after] == [[h.name for h in hits] for hits in before]
         assert gallery.check_index("t", "v1").healthy
 
 
 def test_engine_versions_never_mix(setup):
     with setup() as gallery:
-        gallery.add_faces(*ENGINE, [face("ada", 1)])
-        gallery.add_faces("t", "v2", DIM, [face("bob", 2)])
-        assert [h.name for h in gallery.search("t", "v2", DIM, unit(1)[None])[0]] == ["bob"]
-        assert [h.name for h in gallery.search(*ENGINE, unit(1)[None])[0]] == ["ada"]
+        gallery.add_faces(ENGINE, [face("ada", 1)])
+        gallery.add_faces(EmbeddingSpace("t", "v2", DIM), [face("bob", 2)])
+        assert [h.name for h in gallery.search(EmbeddingSpace("t", "v2", DIM), unit(1)[None])[0]] == ["bob"]
+        assert [h.name for h in gallery.search(ENGINE, unit(1)[None])[0]] == ["ada"]
 
 
 def test_switching_backend_rebuilds_from_the_database(setup):
     """Faces enrolled under FAISS are found after the switch (and after switching back, with the later ones)."""
     with setup(vectors="faiss") as gallery:
-        gallery.add_faces(*ENGINE, [face("ada", 1), face("bob", 2)])
+        gallery.add_faces(ENGINE, [face("ada", 1), face("bob", 2)])
     notices: list[str] = []
     with setup(notify=notices.append) as gallery:
         assert gallery.backend.name == setup.backend
         assert top(gallery, 1)[0] == "ada"
-        gallery.add_faces(*ENGINE, [face("cy", 3)])
+        gallery.add_faces(ENGINE, [face("cy", 3)])
         gallery.remove_person("bob")
         assert gallery.check_index("t", "v1").healthy
     if setup.backend != "faiss":
@@ -182,7 +182,7 @@ def test_bad_backend_choices_are_clear_errors(tmp_path, pg_url):
     with pytest.raises(GalleryError, match="cannot reach Milvus"):
         Gallery.open(tmp_path / "c", vectors="milvus:http://127.0.0.1:9")
     with Gallery.open(tmp_path / "d", pg_url, vectors="pgvector") as gallery:
-        gallery.add_faces(*ENGINE, [face("ada", 1)])
+        gallery.add_faces(ENGINE, [face("ada", 1)])
     with pytest.raises(GalleryError, match="cannot reach Milvus"):
         Gallery.open(tmp_path / "d", pg_url, vectors="milvus:http://127.0.0.1:9")
     with Gallery.open(tmp_path / "d", pg_url) as gallery:  # still pgvector, still ada
@@ -228,8 +228,8 @@ def test_pgvector_vectors_copied_bit_for_bit_and_k_beyond_ef_search(tmp_path, pg
     engine.dispose()
     with Gallery.open(tmp_path / "h", pg_url, vectors="pgvector") as gallery:
         faces = [face(f"p{i}", i) for i in range(150)]
-        ids = gallery.add_faces(*ENGINE, faces)
-        table = table_name(*ENGINE)
+        ids = gallery.add_faces(ENGINE, faces)
+        table = table_name(ENGINE)
         for step in ("enrolled", "rebuilt"):
             with gallery.store.engine.connect() as connection:
                 assert connection.execute(text("SHOW hnsw.ef_search")).scalar_one() == str(HNSW_EF_SEARCH)
@@ -240,9 +240,9 @@ def test_pgvector_vectors_copied_bit_for_bit_and_k_beyond_ef_search(tmp_path, pg
                 np.testing.assert_array_equal(np.asarray(stored[face_id].to_list(), np.float32), new_face.embedding,
                                               err_msg=step)
             assert f"{table}_hnsw" in plan, plan
-            _, found = gallery.backend.search(*ENGINE, unit(3)[None], 120)
+            _, found = gallery.backend.search(ENGINE, unit(3)[None], 120)
             assert (found[0] >= 0).sum() == 120 and len(set(found[0].tolist())) == 120, step
-            assert gallery.rebuild_index(*ENGINE) == 150
+            assert gallery.rebuild_index(ENGINE) == 150
 
 
 def test_milvus_seals_what_it_writes(tmp_path, monkeypatch):
@@ -256,14 +256,14 @@ def test_milvus_seals_what_it_writes(tmp_path, monkeypatch):
         flushed: list[str] = []
         real_flush = backend.client.flush
         monkeypatch.setattr(backend.client, "flush", lambda name, **kw: (flushed.append(name), real_flush(name, **kw)))
-        gallery.add_faces(*ENGINE, [face("ada", 1), face("bob", 2)])  # creates the collection (empty), adds 2
-        name = backend.collection(*ENGINE)
+        gallery.add_faces(ENGINE, [face("ada", 1), face("bob", 2)])  # creates the collection (empty), adds 2
+        name = backend.collection(ENGINE)
         assert flushed == [name]  # the (empty) build only: 2 rows < 3
-        gallery.add_faces(*ENGINE, [face("cy", 3), face("dan", 4)])
+        gallery.add_faces(ENGINE, [face("cy", 3), face("dan", 4)])
         assert flushed == [name, name]  # 4 rows since the last flush
-        gallery.add_faces(*ENGINE, [face("eve", 5)])
+        gallery.add_faces(ENGINE, [face("eve", 5)])
         assert flushed == [name, name]
-        assert gallery.rebuild_index(*ENGINE) == 5 and flushed == [name] * 3
+        assert gallery.rebuild_index(ENGINE) == 5 and flushed == [name] * 3
         index = backend.client.describe_index(name, "v")
         assert index["indexed_rows"] == index["total_rows"] == 5 and not index["pending_index_rows"]
         assert top(gallery, 5)[0] == "eve" and gallery.check_index("t", "v1").healthy

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jointface.bench import metrics
-from jointface.bench.plots import markdown_table, plot_cmc, plot_det, write_markdown_table
+from jointface.bench.plots import markdown_table, plot_cmc, plot_det
 
 NAN = float("nan")
 
@@ -214,10 +214,6 @@ def test_identification_report():
     assert (report["mated_no_face"], report["nonmated_no_face"]) == (1, 1)
 
 
-def test_scores_by_label():
-    assert metrics.scores_by_label({"B": 0.2, "A": 0.9, "C": 0.2}) == [("A", 0.9), ("B", 0.2), ("C", 0.2)]
-
-
 # --------------------------------------------------------------------------
 # Verification
 # --------------------------------------------------------------------------
@@ -320,7 +316,7 @@ def test_plots_write_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_markdown_table(tmp_path):
+def test_markdown_table():
     results = {
         "dlib": {"rank1": 0.9165, "mated": 2370, "note": "HOG | resnet"},
         "joint": {"rank1": 0.95, "tpir": None},
@@ -333,10 +329,6 @@ def test_markdown_table(tmp_path):
     )
     text = markdown_table(results, formats={"rank1": "{:.2%}"}, headers={"rank1": "rank-1"})
     assert text == expected
-    path = write_markdown_table(
-        tmp_path / "t" / "results.md", results, formats={"rank1": "{:.2%}"}, headers={"rank1": "rank-1"}
-    )
-    assert path.read_text() == expected
 
 
 def test_subject_face_is_the_one_nearest_the_centre():

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from index import Gallery, GalleryError, PersonExistsError, PersonNotFoundError
+from index import EmbeddingSpace, Gallery, GalleryError, PersonExistsError, PersonNotFoundError
 from index.gallery import NewFace
 
 DIM = 8
-ENGINE = ("test", "v1", DIM)
+ENGINE = EmbeddingSpace("test", "v1", DIM)
 
 
 def face(person: str, seed: int, sha: str | None = None) -> NewFace:
@@ -28,23 +28,33 @@ def gallery(tmp_path, db_url):
 
 def names(gallery, seed) -> list[str]:
     query = face("q", seed).embedding[None]
-    return [hit.name for hit in gallery.search(*ENGINE, query, top_k=5)[0]]
+    return [hit.name for hit in gallery.search(ENGINE, query, top_k=5)[0]]
 
 
 def test_add_search_and_duplicates(gallery):
-    ids = gallery.add_faces(*ENGINE, [face("ada", 1), face("bob", 2), face("ada", 3)])
+    ids = gallery.add_faces(ENGINE, [face("ada", 1), face("bob", 2), face("ada", 3)])
     assert all(isinstance(i, int) for i in ids)
-    assert gallery.add_faces(*ENGINE, [face("ada", 1)]) == [None]  # same image, same person: skipped
-    assert gallery.add_faces(*ENGINE, [face("bob", 9, sha="sha-ada-1")])[0] is not None  # other person: kept
-    hits = gallery.search(*ENGINE, face("x", 3).embedding[None], top_k=5)[0]
+    assert gallery.add_faces(ENGINE, [face("ada", 1)]) == [None]  # same image, same person: skipped
+    assert gallery.add_faces(ENGINE, [face("bob", 9, sha="sha-ada-1")])[0] is not None  # other person: kept
+    hits = gallery.search(ENGINE, face("x", 3).embedding[None], top_k=5)[0]
     assert hits[0].name == "ada" and hits[0].similarity == pytest.approx(1.0, abs=1e-5)
     assert len({hit.name for hit in hits}) == len(hits)  # one hit per person
     people = {p.name: p.face_count for p in gallery.people()}
     assert people == {"ada": 2, "bob": 2}
 
 
+def test_what_the_gallery_answers_about_its_faces(gallery):
+    ids = gallery.add_faces(ENGINE, [face("ada", 1), face("bob", 2)])
+    gallery.add_faces(EmbeddingSpace("other", "v9", DIM), [face("ada", 3)])
+    assert gallery.engine_versions("test") == {"v1"} and gallery.engine_versions("none") == set()
+    assert set(ids) < gallery.face_ids() and len(gallery.face_ids()) == 3
+    stored = sorted((name, np.frombuffer(blob, np.float32).tolist()) for name, blob in gallery.embeddings_by_person())
+    assert stored == sorted((f.person, f.embedding.tolist()) for f in (face("ada", 1), face("bob", 2), face("ada", 3)))
+    assert gallery.enrolled_hashes("test") == {("ada", "sha-ada-1"), ("bob", "sha-bob-2")}
+
+
 def test_remove_person_removes_vectors(gallery):
-    gallery.add_faces(*ENGINE, [face("ada", 1), face("bob", 2)])
+    gallery.add_faces(ENGINE, [face("ada", 1), face("bob", 2)])
     assert gallery.remove_person("ada") == 1
     assert names(gallery, 1) == ["bob"]
     report = gallery.check_index("test", "v1")
@@ -54,7 +64,7 @@ def test_remove_person_removes_vectors(gallery):
 
 
 def test_rename_and_merge(gallery):
-    gallery.add_faces(*ENGINE, [face("ada", 1), face("ada2", 2), face("ada2", 5, sha="sha-ada-1"), face("bob", 3)])
+    gallery.add_faces(ENGINE, [face("ada", 1), face("ada2", 2), face("ada2", 5, sha="sha-ada-1"), face("bob", 3)])
     with pytest.raises(PersonExistsError):
         gallery.rename_person("ada2", "bob")
     gallery.rename_person("bob", "robert")
@@ -68,17 +78,17 @@ def test_rename_and_merge(gallery):
 
 
 def test_rebuilt_index_gives_same_results(gallery):
-    gallery.add_faces(*ENGINE, [face(f"p{i}", i) for i in range(50)])
+    gallery.add_faces(ENGINE, [face(f"p{i}", i) for i in range(50)])
     queries = np.stack([face("q", 100 + i).embedding for i in range(20)])
-    before = gallery.search(*ENGINE, queries, top_k=3)
-    gallery.rebuild_index(*ENGINE)
-    assert gallery.search(*ENGINE, queries, top_k=3) == before
+    before = gallery.search(ENGINE, queries, top_k=3)
+    gallery.rebuild_index(ENGINE)
+    assert gallery.search(ENGINE, queries, top_k=3) == before
 
 
 def test_deleted_index_file_is_rebuilt_on_next_use(tmp_path, db_url):
     home = tmp_path / "home"
     with Gallery.open(home, db_url) as gallery:
-        gallery.add_faces(*ENGINE, [face("ada", 1), face("bob", 2)])
+        gallery.add_faces(ENGINE, [face("ada", 1), face("bob", 2)])
         before = names(gallery, 1)
     (home / "index-test.jfidx").unlink()
     notices = []
@@ -92,10 +102,10 @@ def test_deleted_index_file_is_rebuilt_on_next_use(tmp_path, db_url):
 def test_damaged_or_stale_index_is_repaired(tmp_path, damage, db_url):
     home = tmp_path / "home"
     with Gallery.open(home, db_url) as gallery:
-        gallery.add_faces(*ENGINE, [face("ada", 1)])
+        gallery.add_faces(ENGINE, [face("ada", 1)])
         path = gallery.index_path("test")
         old = path.read_bytes()
-        gallery.add_faces(*ENGINE, [face("bob", 2)])
+        gallery.add_faces(ENGINE, [face("bob", 2)])
     if damage == "garbage":
         path.write_bytes(b"\x00" * 100)
     elif damage == "truncate":
@@ -111,11 +121,12 @@ def test_damaged_or_stale_index_is_repaired(tmp_path, damage, db_url):
 
 
 def test_engine_version_change_rebuilds_with_only_matching_faces(gallery):
-    gallery.add_faces(*ENGINE, [face("ada", 1)])
-    gallery.add_faces("test", "v2", DIM, [face("bob", 2)])
+    gallery.add_faces(ENGINE, [face("ada", 1)])
+    gallery.add_faces(EmbeddingSpace("test", "v2", DIM), [face("bob", 2)])
     query = face("q", 1).embedding[None]
-    assert [h.name for h in gallery.search("test", "v2", DIM, query)[0]] == ["bob"]  # versions never mix
-    assert [h.name for h in gallery.search(*ENGINE, query)[0]] == ["ada"]
+    # versions never mix
+    assert [h.name for h in gallery.search(EmbeddingSpace("test", "v2", DIM), query)[0]] == ["bob"]
+    assert [h.name for h in gallery.search(ENGINE, query)[0]] == ["ada"]
 
 
 def test_threshold_is_stored(gallery):
@@ -125,12 +136,12 @@ def test_threshold_is_stored(gallery):
 
 
 def test_backup_and_restore(tmp_path, gallery):
-    gallery.add_faces(*ENGINE, [face("ada", 1)])
+    gallery.add_faces(ENGINE, [face("ada", 1)])
     backup = tmp_path / "backup.db"
     gallery.backup(backup)
     with pytest.raises(GalleryError, match="already exists"):
         gallery.backup(backup)
-    gallery.add_faces(*ENGINE, [face("bob", 2)])
+    gallery.add_faces(ENGINE, [face("bob", 2)])
     gallery.restore(backup)
     assert [p.name for p in gallery.people()] == ["ada"]
     assert names(gallery, 1) == ["ada"]

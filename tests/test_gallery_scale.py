@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from index import Gallery
+from index import EmbeddingSpace, Gallery
 from index.gallery import NewFace
 from index.vectors import KINDS, VectorIndex, ivf_lists, ivf_probes, resolve_kind
 from jointface.bench.cache import ResultCache
@@ -38,7 +38,7 @@ def gallery_data():
     chosen = rng.choice(len(centres), 300, replace=False)
     queries = unit(centres[chosen] + 0.5 * rng.standard_normal((300, DIM)) / np.sqrt(DIM))
     ids = np.arange(1, len(faces) + 1, dtype=np.int64)
-    exact = VectorIndex("e", "v", DIM, kind="flat")
+    exact = VectorIndex(EmbeddingSpace("e", "v", DIM), kind="flat")
     exact.add(ids, faces)
     _, truth = exact.search(queries, 10)
     return faces, ids, queries, truth
@@ -47,7 +47,7 @@ def gallery_data():
 @pytest.mark.parametrize("kind", APPROXIMATE_KINDS)
 def test_approximate_kind_recall_against_exact(gallery_data, kind):
     faces, ids, queries, truth = gallery_data
-    index = VectorIndex("e", "v", DIM, kind=kind)
+    index = VectorIndex(EmbeddingSpace("e", "v", DIM), kind=kind)
     index.add(ids, faces)
     _, found = index.search(queries, 10)
     recall_at_1 = np.mean(found[:, 0] == truth[:, 0])
@@ -67,7 +67,7 @@ def test_ivf_parameters():
 def test_deletion_for_every_kind_survives_save_and_load(tmp_path, gallery_data, kind):
     faces, ids, queries, truth = gallery_data
     faces, ids = faces[:3000], ids[:3000]
-    index = VectorIndex("e", "v", DIM, kind=kind)
+    index = VectorIndex(EmbeddingSpace("e", "v", DIM), kind=kind)
     index.add(ids, faces)
     _, before = index.search(faces[:50], 5)
     doomed = before[:, 0]  # each query's own face
@@ -85,13 +85,13 @@ def test_deletion_for_every_kind_survives_save_and_load(tmp_path, gallery_data, 
 
 
 def enrol_people(gallery: Gallery, faces: np.ndarray, first: int = 0) -> None:
-    gallery.add_faces("t", "v1", DIM, [
+    gallery.add_faces(EmbeddingSpace("t", "v1", DIM), [
         NewFace(f"person-{first + i}", vector, (0, 0, 1, 1), 1.0, f"/{first + i}.jpg", f"sha-{first + i}")
         for i, vector in enumerate(faces)])
 
 
 def top_names(gallery: Gallery, queries: np.ndarray) -> list[str]:
-    return [hits[0].name if hits else None for hits in gallery.search("t", "v1", DIM, queries, top_k=3)]
+    return [hits[0].name if hits else None for hits in gallery.search(EmbeddingSpace("t", "v1", DIM), queries, top_k=3)]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -100,7 +100,7 @@ def test_gallery_deletion_for_every_kind_after_reopen_and_rebuild(tmp_path, gall
     home = tmp_path / "home"
     with Gallery.open(home, db_url, index_kind=kind) as gallery:
         enrol_people(gallery, faces)
-        assert gallery.vectors("t", "v1", DIM).kind == kind
+        assert gallery.vectors(EmbeddingSpace("t", "v1", DIM)).kind == kind
         assert top_names(gallery, faces[:20]) == [f"person-{i}" for i in range(20)]
         for i in range(10):
             gallery.remove_person(f"person-{i}")
@@ -109,8 +109,8 @@ def test_gallery_deletion_for_every_kind_after_reopen_and_rebuild(tmp_path, gall
     with Gallery.open(home, db_url, index_kind=kind) as gallery:  # the index file, loaded
         assert not gone & set(top_names(gallery, faces[:20]))
         assert gallery.check_index("t", "v1").healthy
-        gallery.rebuild_index("t", "v1", DIM)
-        assert gallery.vectors("t", "v1", DIM).kind == kind
+        gallery.rebuild_index(EmbeddingSpace("t", "v1", DIM))
+        assert gallery.vectors(EmbeddingSpace("t", "v1", DIM)).kind == kind
         names = top_names(gallery, faces[:20])
         assert not gone & set(names) and names[10:] == [f"person-{i}" for i in range(10, 20)]
 
@@ -126,27 +126,27 @@ def test_auto_is_exact_below_the_threshold_and_approximate_above(tmp_path, galle
     with Gallery.open(home, db_url, approximate_from=1000, notify=notices.append) as gallery:
         assert gallery.index_kind == "auto"  # the default
         enrol_people(gallery, faces[:600])
-        assert gallery.vectors("t", "v1", DIM).kind == "flat"
+        assert gallery.vectors(EmbeddingSpace("t", "v1", DIM)).kind == "flat"
         enrol_people(gallery, faces[600:1020], first=600)
-        assert gallery.vectors("t", "v1", DIM).kind == "flat"  # adding keeps the kind
-        gallery.rebuild_index("t", "v1", DIM)  # a rebuild decides again: 1,020 faces >= 1,000
-        assert gallery.vectors("t", "v1", DIM).kind == "ivf"
+        assert gallery.vectors(EmbeddingSpace("t", "v1", DIM)).kind == "flat"  # adding keeps the kind
+        gallery.rebuild_index(EmbeddingSpace("t", "v1", DIM))  # a rebuild decides again: 1,020 faces >= 1,000
+        assert gallery.vectors(EmbeddingSpace("t", "v1", DIM)).kind == "ivf"
         enrol_people(gallery, faces[1020:1030], first=1020)
-        assert gallery.vectors("t", "v1", DIM).kind == "ivf"
+        assert gallery.vectors(EmbeddingSpace("t", "v1", DIM)).kind == "ivf"
         assert top_names(gallery, faces[1025:1028]) == ["person-1025", "person-1026", "person-1027"]
     with Gallery.open(home, db_url, approximate_from=1000) as gallery:
-        assert gallery.vectors("t", "v1", DIM).kind == "ivf"
+        assert gallery.vectors(EmbeddingSpace("t", "v1", DIM)).kind == "ivf"
         for i in range(40):
             gallery.remove_person(f"person-{i}")
-        assert gallery.vectors("t", "v1", DIM).kind == "ivf"
+        assert gallery.vectors(EmbeddingSpace("t", "v1", DIM)).kind == "ivf"
     # A repair (here: a missing file) is a rebuild too: 990 faces are below the threshold again.
     (home / "index-t.jfidx").unlink()
     with Gallery.open(home, db_url, approximate_from=1000, notify=notices.append) as gallery:
-        assert gallery.vectors("t", "v1", DIM).kind == "flat"
+        assert gallery.vectors(EmbeddingSpace("t", "v1", DIM)).kind == "flat"
     assert any("flat index" in notice for notice in notices)
     # An explicit kind wins over the file's.
     with Gallery.open(home, db_url, index_kind="ivf", notify=notices.append) as gallery:
-        assert gallery.vectors("t", "v1", DIM).kind == "ivf"
+        assert gallery.vectors(EmbeddingSpace("t", "v1", DIM)).kind == "ivf"
     assert "this gallery uses ivf" in notices[-1]
 
 
@@ -176,8 +176,9 @@ def test_search_names_its_candidates_by_primary_key(tmp_path, db_url):
 
     vectors = unit(np.random.default_rng(3).standard_normal((1_000, DIM)))
     with Gallery.open(tmp_path / "home", db_url) as gallery:
-        ids = gallery.add_faces("e", "v", DIM, [NewFace(f"p{i}", vector, (0, 0, 1, 1), 1.0, f"/{i}.jpg", f"sha{i}")
-                                                for i, vector in enumerate(vectors)])
+        ids = gallery.add_faces(EmbeddingSpace("e", "v", DIM),
+                                [NewFace(f"p{i}", vector, (0, 0, 1, 1), 1.0, f"/{i}.jpg", f"sha{i}")
+                                 for i, vector in enumerate(vectors)])
         engine = gallery.store.engine
         statements: list[tuple[str, object]] = []
 
@@ -196,7 +197,7 @@ def test_search_names_its_candidates_by_primary_key(tmp_path, db_url):
             plan = "\n".join(" ".join(map(str, row)) for row in
                              connection.exec_driver_sql(f"{explain} {statements[0][0]}", statements[0][1]))
         assert "people" in plan and not re.search(r"(Seq Scan on|SCAN) people", plan), plan
-        hits = gallery.search("e", "v", DIM, vectors[:3], top_k=2)
+        hits = gallery.search(EmbeddingSpace("e", "v", DIM), vectors[:3], top_k=2)
         assert [h[0].name for h in hits] == ["p0", "p1", "p2"]
 
 

@@ -120,6 +120,39 @@ def _labels(tmp_path: Path, lfw_dir: Path) -> dict[str, str]:
     return {"lfw": str(labels)}
 
 
+def test_v2_export_round_trips_through_the_weights_file_reader(tmp_path, one_torch_thread):
+    from dataclasses import asdict
+
+    from jointface.net.model import MarginClassifier
+    from jointface.train.v2 import TrainConfigV2, export_weights
+    from jointface.weights_file import load_weights
+
+    model = JointNetV2(tiny_record()).to(memory_format=torch.channels_last)
+    head = MarginClassifier(16, 2, "cosface", 30.0, 0.35)
+    config = TrainConfigV2(embedding_dim=16)
+    path = tmp_path / "run" / "jointface.pt"
+    assert export_weights(model, head, config, 7, {"p2proxy_rank1": 0.5}, path, {"lfw": {"photos": 3}}) == path
+    payload, version = load_weights(path)
+    assert len(version) == 12 and not path.with_suffix(".tmp").exists()
+    # the keys and values v2 exports always wrote (no format_version), so earlier v2 weights read alike
+    assert list(payload) == ["format", "record", "state_dict", "identity_heads", "training"]
+    assert payload["format"] == "jointface-weights" and payload["record"] == model.record.to_dict()
+    state = model.state_dict()
+    assert list(payload["state_dict"]) == list(state)
+    for name, tensor in state.items():
+        expected = tensor.half() if tensor.is_floating_point() else tensor
+        assert payload["state_dict"][name].dtype == expected.dtype and torch.equal(payload["state_dict"][name], expected)
+    assert list(payload["identity_heads"]) == ["margin.weight"]
+    assert torch.equal(payload["identity_heads"]["margin.weight"], head.weight.detach().half())
+    assert payload["training"] == {"step": 7, "config": {**asdict(config),
+                                                         "identity_heads": ["distill", "relational", "cosface"]},
+                                   "metrics": {"p2proxy_rank1": 0.5}, "data": {"lfw": {"photos": 3}}}
+    restored = JointNetV2(ModelRecordV2.from_dict(payload["record"]))
+    restored.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()})
+    export_weights(model, None, config, 8, {}, path, {})
+    assert load_weights(path)[0]["identity_heads"] == {}
+
+
 def test_training_run_resumes_and_exports_weights_the_engine_runs(tmp_path, lfw_dir, knn_dir, one_torch_thread):
     from jointface.engines.joint_engine import JointEngine
     from jointface.imageio import load_image

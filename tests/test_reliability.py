@@ -15,12 +15,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import crash_harness
-from index import Gallery, GalleryError
+from index import EmbeddingSpace, Gallery, GalleryError
 from index.gallery import NewFace
 from index.vectors import VectorIndex
 from jointface.imageio import ImageLoadError, load_image
 
 CI_TRIALS = int(os.environ.get("JOINTFACE_CRASH_TRIALS", "10"))
+SPACE = EmbeddingSpace("t", "v", 4)
 
 
 # -- crashes -----------------------------------------------------------------------------------
@@ -53,18 +54,18 @@ def test_crash_between_commit_and_index_save_is_repaired(tmp_path, monkeypatch, 
     vector = np.ones(4, dtype=np.float32) / 2
     new = NewFace("ada", vector, (0, 0, 1, 1), 1.0, "/a.jpg", "sha-a")
     with Gallery.open(home, db_url) as gallery:
-        gallery.add_faces("t", "v", 4, [NewFace("bob", -vector, (0, 0, 1, 1), 1.0, "/b.jpg", "sha-b")])
+        gallery.add_faces(SPACE, [NewFace("bob", -vector, (0, 0, 1, 1), 1.0, "/b.jpg", "sha-b")])
 
         def crash(*args, **kwargs):
             raise KeyboardInterrupt("simulated crash after commit")
 
         monkeypatch.setattr(VectorIndex, "save", crash)
         with pytest.raises(KeyboardInterrupt):
-            gallery.add_faces("t", "v", 4, [new])
+            gallery.add_faces(SPACE, [new])
     monkeypatch.undo()
     notices = []
     with Gallery.open(home, db_url, notify=notices.append) as gallery:
-        hits = gallery.search("t", "v", 4, vector[None], top_k=2)[0]
+        hits = gallery.search(SPACE, vector[None], top_k=2)[0]
         assert hits[0].name == "ada"  # committed face is searchable after the repair
         assert gallery.check_index("t", "v").healthy
     assert any("out of date" in n for n in notices)
@@ -74,18 +75,18 @@ def test_full_disk_on_index_write_is_a_clear_error_and_loses_nothing(tmp_path, m
     home = tmp_path / "home"
     vector = np.ones(4, dtype=np.float32) / 2
     with Gallery.open(home, db_url) as gallery:
-        gallery.add_faces("t", "v", 4, [NewFace("bob", -vector, (0, 0, 1, 1), 1.0, "/b.jpg", "sha-b")])
+        gallery.add_faces(SPACE, [NewFace("bob", -vector, (0, 0, 1, 1), 1.0, "/b.jpg", "sha-b")])
 
         def full(*args, **kwargs):
             raise OSError(errno.ENOSPC, "No space left on device")
 
         monkeypatch.setattr(VectorIndex, "save", full)
         with pytest.raises(GalleryError, match="No space left on device.*database is intact"):
-            gallery.add_faces("t", "v", 4, [NewFace("ada", vector, (0, 0, 1, 1), 1.0, "/a.jpg", "sha-a")])
+            gallery.add_faces(SPACE, [NewFace("ada", vector, (0, 0, 1, 1), 1.0, "/a.jpg", "sha-a")])
     monkeypatch.undo()
     with Gallery.open(home, db_url) as gallery:
         assert [p.name for p in gallery.people()] == ["ada", "bob"]
-        assert gallery.search("t", "v", 4, vector[None])[0][0].name == "ada"
+        assert gallery.search(SPACE, vector[None])[0][0].name == "ada"
         assert gallery.check_index("t", "v").healthy
 
 
@@ -102,7 +103,7 @@ def test_tiny_filesystem(tmp_path):
         with pytest.raises(GalleryError) as caught:
             with Gallery.open(mount_point) as gallery:
                 for start in range(0, 4000, 200):
-                    gallery.add_faces("t", "v", 256, [
+                    gallery.add_faces(EmbeddingSpace("t", "v", 256), [
                         NewFace(f"p{i}", vector, (0, 0, 1, 1), 1.0, f"/{i}.jpg", f"sha{i}")
                         for i in range(start, start + 200)])
         assert "space" in str(caught.value).lower() or "full" in str(caught.value).lower()
@@ -203,9 +204,9 @@ def test_any_name_round_trips(tmp_path_factory, name):
     with Gallery.open(home) as gallery:
         if not name.strip():
             return
-        gallery.add_faces("t", "v", 4, [NewFace(name.strip(), vector, (0, 0, 1, 1), 1.0, "/a.jpg", "sha")])
+        gallery.add_faces(SPACE, [NewFace(name.strip(), vector, (0, 0, 1, 1), 1.0, "/a.jpg", "sha")])
         assert [p.name for p in gallery.people()] == [name.strip()]
-        assert gallery.search("t", "v", 4, vector[None])[0][0].name == name.strip()
+        assert gallery.search(SPACE, vector[None])[0][0].name == name.strip()
         gallery.rename_person(name.strip(), "renamed")
         assert [p.name for p in gallery.people()] == ["renamed"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from index import EmbeddingSpace
 from index.errors import IndexCorruptError
 from index.vectors import VectorIndex
 
@@ -16,7 +17,7 @@ def unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
 
 def test_exact_search_finds_itself_and_remove_works():
     vectors = unit_vectors(200, 16, seed=0)
-    index = VectorIndex("dlib", "v1", 16)
+    index = VectorIndex(EmbeddingSpace("dlib", "v1", 16))
     ids = np.arange(1000, 1200)
     index.add(ids, vectors)
     sims, found = index.search(vectors[:5], k=3)
@@ -29,7 +30,7 @@ def test_exact_search_finds_itself_and_remove_works():
 
 
 def test_search_pads_small_indexes():
-    index = VectorIndex("dlib", "v1", 4)
+    index = VectorIndex(EmbeddingSpace("dlib", "v1", 4))
     sims, ids = index.search(unit_vectors(2, 4, 1), k=3)
     assert ids.shape == (2, 3) and (ids == -1).all()
     index.add(np.array([7]), unit_vectors(1, 4, 2))
@@ -38,7 +39,7 @@ def test_search_pads_small_indexes():
 
 
 def test_save_load_roundtrip(tmp_path):
-    index = VectorIndex("dlib", "v1", 8)
+    index = VectorIndex(EmbeddingSpace("dlib", "v1", 8))
     index.add(np.arange(10), unit_vectors(10, 8, 0))
     index.save(tmp_path / "i.jfidx", generation=4)
     loaded = VectorIndex.load(tmp_path / "i.jfidx")
@@ -50,7 +51,7 @@ def test_save_load_roundtrip(tmp_path):
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "flip", "empty"])
 def test_damaged_files_are_detected(tmp_path, damage):
     path = tmp_path / "i.jfidx"
-    index = VectorIndex("dlib", "v1", 8)
+    index = VectorIndex(EmbeddingSpace("dlib", "v1", 8))
     index.add(np.arange(50), unit_vectors(50, 8, 0))
     index.save(path, generation=1)
     data = bytearray(path.read_bytes())
@@ -70,8 +71,8 @@ def test_damaged_files_are_detected(tmp_path, damage):
 def test_hnsw_recall_against_exact_and_deletion(tmp_path):
     vectors = unit_vectors(5000, 32, seed=1)
     queries = unit_vectors(200, 32, seed=2)
-    exact = VectorIndex("e", "v", 32, kind="flat")
-    approx = VectorIndex("e", "v", 32, kind="hnsw")
+    exact = VectorIndex(EmbeddingSpace("e", "v", 32), kind="flat")
+    approx = VectorIndex(EmbeddingSpace("e", "v", 32), kind="hnsw")
     ids = np.arange(5000)
     exact.add(ids, vectors)
     approx.add(ids, vectors)

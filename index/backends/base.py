@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..space import EmbeddingSpace
+
 
 @dataclass(frozen=True)
 class IndexReport:
@@ -50,14 +52,14 @@ class VectorBackend:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def begin_add(self, engine: str, version: str, dim: int):
+    def begin_add(self, space: EmbeddingSpace):
         return None
 
-    def add_in_transaction(self, session, engine: str, version: str, dim: int, ids: np.ndarray,
+    def add_in_transaction(self, session, space: EmbeddingSpace, ids: np.ndarray,
                            vectors: np.ndarray) -> None:
         pass
 
-    def add_after_commit(self, token, engine: str, version: str, dim: int, ids: np.ndarray, vectors: np.ndarray,
+    def add_after_commit(self, token, space: EmbeddingSpace, ids: np.ndarray, vectors: np.ndarray,
                          generation: int | None) -> None:
         raise NotImplementedError
 
@@ -66,19 +68,19 @@ class VectorBackend:
 
     # -- reading ----------------------------------------------------------------------------
 
-    def search(self, engine: str, version: str, dim: int, queries: np.ndarray, k: int
+    def search(self, space: EmbeddingSpace, queries: np.ndarray, k: int
                ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` ``(similarities, face ids)`` per query (inner product); missing slots are ``(-inf, -1)``."""
         raise NotImplementedError
 
     # -- maintenance ------------------------------------------------------------------------
 
-    def rebuild(self, engine: str, version: str, dim: int) -> int:
+    def rebuild(self, space: EmbeddingSpace) -> int:
         """Write the engine version's vectors afresh from the database (gallery lock held); returns how many."""
         with self.gallery.locked():
-            return self._rebuild(engine, version, dim)
+            return self._rebuild(space)
 
-    def _rebuild(self, engine: str, version: str, dim: int) -> int:
+    def _rebuild(self, space: EmbeddingSpace) -> int:
         raise NotImplementedError
 
     def check(self, engine: str, version: str):
@@ -95,9 +97,9 @@ class VectorBackend:
         return self.name
 
 
-def vector_key(engine: str, version: str, dim: int) -> str:
+def vector_key(space: EmbeddingSpace) -> str:
     """A short, stable name fragment for one engine version's vectors (SQL table / collection names)."""
-    return hashlib.sha1(f"{engine}\0{version}\0{dim}".encode()).hexdigest()[:16]
+    return hashlib.sha1(f"{space.name}\0{space.version}\0{space.dim}".encode()).hexdigest()[:16]
 
 
 def pad_results(rows: list[list[tuple[int, float]]], k: int) -> tuple[np.ndarray, np.ndarray]:

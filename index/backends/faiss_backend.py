@@ -15,32 +15,32 @@ from .base import VectorBackend
 class FaissBackend(VectorBackend):
     name = "faiss"
 
-    def begin_add(self, engine, version, dim):
-        return self.gallery._index_to_change(engine, version, dim)
+    def begin_add(self, space):
+        return self.gallery._index_to_change(space)
 
-    def add_after_commit(self, token, engine, version, dim, ids, vectors, generation):
+    def add_after_commit(self, token, space, ids, vectors, generation):
         gallery, index = self.gallery, token
         if generation is not None and len(ids):
             try:
                 index.add(np.asarray(ids, dtype=np.int64), vectors)
                 gallery._save_index(index, generation)
             except BaseException:
-                gallery._indexes.pop(engine, None)  # the file is behind: reload (or rebuild) next time
+                gallery._indexes.pop(space.name, None)  # the file is behind: reload (or rebuild) next time
                 raise
-        gallery._indexes[engine] = index
+        gallery._indexes[space.name] = index
 
     def delete_after_commit(self, ids_by_engine, generations):
         self.gallery._after_delete(ids_by_engine, generations)
 
-    def search(self, engine, version, dim, queries, k):
-        index = self.gallery.vectors(engine, version, dim)
+    def search(self, space, queries, k):
+        index = self.gallery.vectors(space)
         return index.search(queries, min(k, max(len(index), 1)))
 
-    def rebuild(self, engine, version, dim):
+    def rebuild(self, space):
         gallery = self.gallery
         with gallery.locked():
-            index = gallery._rebuild(engine, version, dim, None)
-        gallery._indexes[engine] = index
+            index = gallery._rebuild(space, None)
+        gallery._indexes[space.name] = index
         return len(index)
 
     def check(self, engine, version):

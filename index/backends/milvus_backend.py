@@ -32,6 +32,7 @@ import uuid
 import numpy as np
 
 from ..errors import GalleryError
+from ..space import EmbeddingSpace
 from .base import IndexReport, VectorBackend, id_difference, pad_results, vector_key
 
 HNSW_M = 16
@@ -102,12 +103,12 @@ class MilvusBackend(VectorBackend):
 
     # -- collections ------------------------------------------------------------------------
 
-    def collection(self, engine: str, version: str, dim: int) -> str:
-        return f"{self.prefix}_{vector_key(engine, version, dim)}"
+    def collection(self, space: EmbeddingSpace) -> str:
+        return f"{self.prefix}_{vector_key(space)}"
 
     @staticmethod
     def _state_key(engine: str) -> str:
-        return vector_key(engine, "", 0)
+        return vector_key(EmbeddingSpace(engine, "", 0))
 
     def _ensure_state_collection(self) -> None:
         from pymilvus import DataType, MilvusClient
@@ -191,9 +192,10 @@ class MilvusBackend(VectorBackend):
         with self.gallery.store.session() as session:
             return self.gallery.store.generation(session, engine)
 
-    def _ensure(self, engine: str, version: str, dim: int) -> str:
+    def _ensure(self, space: EmbeddingSpace) -> str:
         """The collection of this engine version, rebuilt from the database when it is behind or disagrees."""
-        name = self.collection(engine, version, dim)
+        engine, version = space.name, space.version
+        name = self.collection(space)
         generation = self._db_generation(engine)
         if self._in_step.get(engine) == (generation, name):
             return name
@@ -204,7 +206,7 @@ class MilvusBackend(VectorBackend):
                 generation = self._db_generation(engine)
                 reason = self._disagreement(engine, version, name, generation, deep=True)
                 if reason:
-                    count = self._rebuild(engine, version, dim)
+                    count = self._rebuild(space)
                     if reason != "new":
                         self.gallery._notify(f"Milvus collection of engine {engine} {reason}: rebuilt from the "
                                              f"database ({count} faces)")
@@ -233,10 +235,11 @@ class MilvusBackend(VectorBackend):
                 return f"disagreed with the database ({count} vectors, {db_count} faces)"
         return None
 
-    def _rebuild(self, engine: str, version: str, dim: int) -> int:
+    def _rebuild(self, space: EmbeddingSpace) -> int:
         """Drop and refill the engine's collection from the database (gallery lock held)."""
-        name = self.collection(engine, version, dim)
-        generation, ids, vectors = self.gallery._read_vectors(engine, version, dim)
+        engine, dim = space.name, space.dim
+        name = self.collection(space)
+        generation, ids, vectors = self.gallery._read_vectors(space)
         with _wrap(f"rebuilding collection {name}"):
             previous = self._state(engine)
             if previous is not None and previous[1] != name and self.client.has_collection(previous[1]):
@@ -253,10 +256,11 @@ class MilvusBackend(VectorBackend):
 
     # -- the interface ----------------------------------------------------------------------
 
-    def begin_add(self, engine, version, dim):
-        return self._ensure(engine, version, dim)
+    def begin_add(self, space):
+        return self._ensure(space)
 
-    def add_after_commit(self, token, engine, version, dim, ids, vectors, generation):
+    def add_after_commit(self, token, space, ids, vectors, generation):
+        engine = space.name
         if generation is None or not len(ids):
             return
         self._in_step.pop(engine, None)  # until the write below is done
@@ -286,8 +290,8 @@ class MilvusBackend(VectorBackend):
                 self._set_state(engine, generations[engine], state[1])
             del in_step
 
-    def search(self, engine, version, dim, queries, k):
-        name = self._ensure(engine, version, dim)
+    def search(self, space, queries, k):
+        name = self._ensure(space)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         with _wrap("searching"):
             results = self.client.search(name, data=list(queries), limit=int(k), output_fields=["id"],

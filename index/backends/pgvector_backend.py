@@ -28,6 +28,7 @@ from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError
 
 from ..errors import GalleryError
+from ..space import EmbeddingSpace
 from .base import IndexReport, VectorBackend, id_difference, pad_results, vector_key
 
 HNSW_M = 16
@@ -44,8 +45,8 @@ HNSW_BUILD_MEMORY_MIN_MB = 256
 HNSW_BUILD_MEMORY_MAX_MB = 8192
 
 
-def table_name(engine: str, version: str, dim: int) -> str:
-    return f"jf_vectors_{vector_key(engine, version, dim)}"
+def table_name(space: EmbeddingSpace) -> str:
+    return f"jf_vectors_{vector_key(space)}"
 
 
 def hnsw_build_memory_mb(count: int, dim: int) -> int:
@@ -152,9 +153,10 @@ class PgVectorBackend(VectorBackend):
             f"SELECT COUNT(*), MIN(face_id), MAX(face_id), SUM(face_id) FROM {table}")).one()
         return (0, 0, 0, 0) if not count else (int(count), int(low), int(high), int(total))
 
-    def _ensure(self, engine: str, version: str, dim: int) -> str:
+    def _ensure(self, space: EmbeddingSpace) -> str:
         """The table of this engine version, in step with ``faces`` (checked once per process)."""
-        table = table_name(engine, version, dim)
+        engine, version = space.name, space.version
+        table = table_name(space)
         if table in self._verified:
             return table
         _, db_ids = self.gallery._db_summary(engine, version)
@@ -163,7 +165,7 @@ class PgVectorBackend(VectorBackend):
             summary = self._table_summary(connection, table) if exists else (0, 0, 0, 0)
         if not exists or summary != db_ids:
             with self.gallery.locked():
-                count = self._rebuild(engine, version, dim)
+                count = self._rebuild(space)
             if exists or count:
                 self.gallery._notify(f"pgvector table of engine {engine} "
                                      f"{'disagreed with' if exists else 'was missing from'} the database: rebuilt "
@@ -171,9 +173,10 @@ class PgVectorBackend(VectorBackend):
         self._verified.add(table)
         return table
 
-    def _rebuild(self, engine: str, version: str, dim: int) -> int:
+    def _rebuild(self, space: EmbeddingSpace) -> int:
         """Refill the table from ``faces`` in one transaction (TRUNCATE locks out writers until it commits)."""
-        table = table_name(engine, version, dim)
+        engine, version, dim = space.name, space.version, space.dim
+        table = table_name(space)
         with self._engine.begin() as connection:
             self._create_table(connection, table, dim, with_index=False)
             connection.execute(text(f"DROP INDEX IF EXISTS {table}_hnsw"))
@@ -202,23 +205,23 @@ class PgVectorBackend(VectorBackend):
 
     # -- the interface ----------------------------------------------------------------------
 
-    def begin_add(self, engine, version, dim):
-        return self._ensure(engine, version, dim)
+    def begin_add(self, space):
+        return self._ensure(space)
 
-    def add_in_transaction(self, session, engine, version, dim, ids, vectors):
+    def add_in_transaction(self, session, space, ids, vectors):
         connection = session.connection()
-        table = table_name(engine, version, dim)
-        self._create_table(connection, table, dim)
+        table = table_name(space)
+        self._create_table(connection, table, space.dim)
         self._copy(connection, table, ids, vectors)
 
-    def add_after_commit(self, token, engine, version, dim, ids, vectors, generation):
+    def add_after_commit(self, token, space, ids, vectors, generation):
         pass  # written and committed with the faces
 
     def delete_after_commit(self, ids_by_engine, generations):
         pass  # deleted by ON DELETE CASCADE, in the transaction that deleted the faces
 
-    def search(self, engine, version, dim, queries, k):
-        table = self._ensure(engine, version, dim)
+    def search(self, space, queries, k):
+        table = self._ensure(space)
         rows: list[list[tuple[int, float]]] = []
         with self._engine.begin() as connection:
             if k > HNSW_EF_SEARCH:  # the connection's own setting (HNSW_EF_SEARCH) would cap the results at it
@@ -236,7 +239,7 @@ class PgVectorBackend(VectorBackend):
             dims = set(connection.execute(text("SELECT DISTINCT dim FROM faces WHERE engine = :e AND "
                                                "engine_version = :v"), {"e": engine, "v": version}).scalars())
         for dim in sorted(dims):
-            table = table_name(engine, version, dim)
+            table = table_name(EmbeddingSpace(engine, version, dim))
             with self._engine.connect() as connection:
                 if not self._exists(connection, table):
                     problems.append(f"pgvector table {table} is missing")

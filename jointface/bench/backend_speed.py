@@ -42,7 +42,7 @@ from index.gallery import NewFace
 from index.store import display_url
 
 from .gallery_speed import (DIM, ENGINE_NAME, ENGINE_VERSION, ENROL_BATCH, ENROL_BATCHES, GALLERY_SEARCH_QUERIES,
-                            QUERIES, TOP_K, bulk_load, gallery_vectors, make_queries, random_unit_vectors,
+                            QUERIES, SPACE, TOP_K, bulk_load, gallery_vectors, make_queries, random_unit_vectors,
                             real_embeddings, recall_at, single_query_latency_ms)
 
 BACKENDS = ("faiss", "pgvector", "milvus")
@@ -72,7 +72,7 @@ def storage_bytes(gallery: Gallery) -> int | None:
 
         with gallery.store.engine.connect() as connection:
             return int(connection.execute(text("SELECT pg_total_relation_size(:t)"),
-                                          {"t": table_name(ENGINE_NAME, ENGINE_VERSION, DIM)}).scalar_one())
+                                          {"t": table_name(SPACE)}).scalar_one())
     if backend.name == "milvus":
         paths = [Path(backend.uri)] + list(Path(backend.uri).parent.glob(f".{Path(backend.uri).name}*"))
         files = [f for p in paths if p.exists() for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()]
@@ -109,16 +109,16 @@ def measure_backend(backend: str, size: int, vectors: np.ndarray, queries: np.nd
             row["bulk_sql_load_s"] = time.perf_counter() - start
             log(f"{backend} {size:,}: bulk SQL load {row['bulk_sql_load_s']:.1f} s")
             start = time.perf_counter()
-            gallery.rebuild_index(ENGINE_NAME, ENGINE_VERSION, DIM)
+            gallery.rebuild_index(SPACE)
             row["build_s"] = time.perf_counter() - start
             log(f"{backend} {size:,}: built in {row['build_s']:.1f} s")
             search = gallery.backend.search
-            latency = single_query_latency_ms(lambda q: search(ENGINE_NAME, ENGINE_VERSION, DIM, q, TOP_K),
+            latency = single_query_latency_ms(lambda q: search(SPACE, q, TOP_K),
                                               queries[:latency_queries])
             row["latency_p50_ms"] = float(np.percentile(latency, 50))
             row["latency_p99_ms"] = float(np.percentile(latency, 99))
             start = time.perf_counter()
-            found = np.concatenate([search(ENGINE_NAME, ENGINE_VERSION, DIM, queries[i:i + 100], TOP_K)[1]
+            found = np.concatenate([search(SPACE, queries[i:i + 100], TOP_K)[1]
                                     for i in range(0, len(queries), 100)])
             row["batch_queries_per_s"] = len(queries) / (time.perf_counter() - start)
             row["storage_bytes"] = storage_bytes(gallery)
@@ -134,11 +134,11 @@ def measure_backend(backend: str, size: int, vectors: np.ndarray, queries: np.nd
                                  f"new-{batch}-{i}")
                          for i, vector in enumerate(extra[batch * enrol_batch:(batch + 1) * enrol_batch])]
                 start = time.perf_counter()
-                gallery.add_faces(ENGINE_NAME, ENGINE_VERSION, DIM, faces)
+                gallery.add_faces(SPACE, faces)
                 seconds.append(time.perf_counter() - start)
             row["enrol_faces_per_s"] = enrol_batch * enrol_batches / sum(seconds)
             latency = single_query_latency_ms(
-                lambda q: gallery.search(ENGINE_NAME, ENGINE_VERSION, DIM, q, top_k=TOP_K),
+                lambda q: gallery.search(SPACE, q, top_k=TOP_K),
                 queries[:GALLERY_SEARCH_QUERIES])
             row["gallery_search_p50_ms"] = float(np.percentile(latency, 50))
             row["gallery_search_p99_ms"] = float(np.percentile(latency, 99))
@@ -147,7 +147,7 @@ def measure_backend(backend: str, size: int, vectors: np.ndarray, queries: np.nd
             log(f"{backend} {size:,}: enrol {row['enrol_faces_per_s']:.0f} faces/s, consistent {report.healthy}")
         start = time.perf_counter()
         with Gallery.open(home, db_url) as gallery:
-            gallery.search(ENGINE_NAME, ENGINE_VERSION, DIM, queries[:1], top_k=TOP_K)
+            gallery.search(SPACE, queries[:1], top_k=TOP_K)
             row["reopen_s"] = time.perf_counter() - start
         log(f"{backend} {size:,}: reopen {row['reopen_s']:.2f} s")
     finally:

@@ -120,17 +120,7 @@ def score_labels(truth: Sequence, predicted: Sequence[int]) -> dict:
 
 def _library_faces(gallery, engine) -> tuple[dict[str, list], np.ndarray, list]:
     """sha256 -> [(position, box, cluster id)], the vectors, and the rows, of every library face."""
-    from sqlalchemy import select
-
-    from index.models import LibraryFace, LibraryPhoto
-
-    with gallery.store.session() as session:
-        rows = session.execute(select(LibraryFace.embedding, LibraryFace.dim, LibraryFace.cluster_id,
-                                      LibraryFace.box_x1, LibraryFace.box_y1, LibraryFace.box_x2,
-                                      LibraryFace.box_y2, LibraryPhoto.sha256, LibraryPhoto.width,
-                                      LibraryPhoto.height)
-                               .join(LibraryPhoto, LibraryFace.photo_id == LibraryPhoto.id)
-                               .where(LibraryFace.engine == engine.name).order_by(LibraryFace.id)).all()
+    rows = gallery.library.faces_with_photos(engine.name)
     by_photo: dict[str, list] = {}
     for position, row in enumerate(rows):
         by_photo.setdefault(row.sha256, []).append(position)

@@ -34,6 +34,7 @@ from sqlalchemy import insert
 
 from index import Gallery
 from index.gallery import NewFace
+from index.space import EmbeddingSpace
 from index.models import FaceRow, Person
 from index.vectors import (AUTO_APPROXIMATE_FROM, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, VectorIndex,
                            ivf_lists, ivf_probes, resolve_kind)
@@ -52,6 +53,7 @@ ENROL_BATCHES = 5
 QUICK_ENROL = (200, 2)  # batch size, batches with ctx.limit
 GALLERY_SEARCH_QUERIES = 100
 ENGINE_NAME, ENGINE_VERSION = "p5", "p5-v1"
+SPACE = EmbeddingSpace(ENGINE_NAME, ENGINE_VERSION, DIM)
 
 
 def real_embeddings(cache_dir: Path) -> tuple[np.ndarray, list[str]]:
@@ -99,7 +101,7 @@ def make_queries(real: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_index(kind: str, vectors: np.ndarray, ids: np.ndarray) -> VectorIndex:
-    index = VectorIndex(ENGINE_NAME, ENGINE_VERSION, DIM, kind=kind)
+    index = VectorIndex(SPACE, kind=kind)
     index.add(ids, vectors)
     return index
 
@@ -199,9 +201,9 @@ def measure_gallery(size: int, vectors: np.ndarray, queries: np.ndarray, work_di
             bulk_load(gallery, vectors)
             row["bulk_sql_load_s"] = time.perf_counter() - start
             start = time.perf_counter()
-            gallery.rebuild_index(ENGINE_NAME, ENGINE_VERSION, DIM)
+            gallery.rebuild_index(SPACE)
             row["rebuild_s"] = time.perf_counter() - start
-            index = gallery.vectors(ENGINE_NAME, ENGINE_VERSION, DIM)
+            index = gallery.vectors(SPACE)
             row["index_kind"] = index.kind
             if index.nlist is not None:
                 row["ivf_nlist"], row["ivf_nprobe"] = index.nlist, int(index.index.nprobe)
@@ -212,14 +214,14 @@ def measure_gallery(size: int, vectors: np.ndarray, queries: np.ndarray, work_di
                                  source_path=f"/p5/new-{batch}-{i}.jpg", source_sha256=f"new-{batch}-{i}")
                          for i, vector in enumerate(extra[batch * enrol_batch:(batch + 1) * enrol_batch])]
                 start = time.perf_counter()
-                gallery.add_faces(ENGINE_NAME, ENGINE_VERSION, DIM, faces)
+                gallery.add_faces(SPACE, faces)
                 batch_seconds.append(time.perf_counter() - start)
                 progress(f"P5 {size:,} enrol", batch + 1, enrol_batches)
             row["enrol_faces_per_s"] = enrol_batch * enrol_batches / sum(batch_seconds)
             row["enrol_batch_s_median"] = float(np.median(batch_seconds))
-            row["kind_after_enrol"] = gallery.vectors(ENGINE_NAME, ENGINE_VERSION, DIM).kind
+            row["kind_after_enrol"] = gallery.vectors(SPACE).kind
             latency = single_query_latency_ms(
-                lambda q: gallery.search(ENGINE_NAME, ENGINE_VERSION, DIM, q, top_k=TOP_K),
+                lambda q: gallery.search(SPACE, q, top_k=TOP_K),
                 queries[:GALLERY_SEARCH_QUERIES])
             row["gallery_search_p50_ms"] = float(np.percentile(latency, 50))
             row["gallery_search_p99_ms"] = float(np.percentile(latency, 99))
@@ -227,7 +229,7 @@ def measure_gallery(size: int, vectors: np.ndarray, queries: np.ndarray, work_di
         start = time.perf_counter()
         with Gallery.open(home, approximate_from=approximate_from) as gallery:
             opened = time.perf_counter()
-            gallery.search(ENGINE_NAME, ENGINE_VERSION, DIM, queries[:1], top_k=TOP_K)
+            gallery.search(SPACE, queries[:1], top_k=TOP_K)
             row["reopen_s"] = time.perf_counter() - start
             row["reopen_first_search_s"] = time.perf_counter() - opened
     return row

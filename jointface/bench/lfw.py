@@ -156,12 +156,7 @@ def transfer_experiment(engine: Engine, ctx: BenchContext) -> dict:
     with tempfile.TemporaryDirectory(prefix="jointface-transfer-") as home, Gallery.open(home) as gallery:
         _enrol_gallery(gallery, engine, gallery_images, ctx, f"transfer {engine.name} gallery", load_image)
         results = _probe(gallery, engine, probes, load_image, ctx, f"transfer {engine.name} probes", top_k=1)
-        from sqlalchemy import select
-
-        from index.models import FaceRow, Person
-
-        with gallery.store.session() as session:
-            rows = session.execute(select(Person.name, FaceRow.embedding).join(FaceRow)).all()
+        rows = gallery.embeddings_by_person()
     index_of = {name: i for i, name in enumerate(people)}
     train_x = torch.tensor(np.stack([np.frombuffer(blob, dtype=np.float32) for _, blob in rows]))
     train_y = torch.tensor([index_of[name] for name, _ in rows])

@@ -28,7 +28,7 @@ Conventions (shared by every function here):
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Sequence
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -388,8 +388,3 @@ def mean_iou(predicted_boxes: Sequence, reference_boxes: Sequence) -> MeanIoU:
     b = np.asarray(used_ref, dtype=np.float64).reshape(-1, 4)
     ious = np.array([box_iou_np(a[i], b[i])[0, 0] for i in range(len(a))])
     return MeanIoU(float(ious.mean()), len(ious), no_detection, no_reference)
-
-
-def scores_by_label(candidates: Mapping[Hashable, float]) -> list[tuple[Hashable, float]]:
-    """Turn ``{label: best score}`` into candidates sorted best-first (ties by ``str(label)``)."""
-    return sorted(candidates.items(), key=lambda item: (-float(item[1]), str(item[0])))

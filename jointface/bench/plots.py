@@ -153,11 +153,3 @@ def markdown_table(
         cells = [_format_cell(name, None)] + [_format_cell(row.get(c), formats.get(c)) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def write_markdown_table(path: str | os.PathLike, results: Mapping[str, Mapping[str, Any]], **kwargs: Any) -> Path:
-    """Write :func:`markdown_table` to ``path`` (parents created); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(markdown_table(results, **kwargs))
-    return path

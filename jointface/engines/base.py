@@ -20,6 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
+from index.space import EmbeddingSpace
+
 
 @dataclass(frozen=True)
 class Face:
@@ -80,6 +82,11 @@ class Engine(abc.ABC):
     def detect_batch(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
         """Every face in each of several images (engines may batch this)."""
         return [self.detect(image) for image in images]
+
+    @property
+    def space(self) -> EmbeddingSpace:
+        """The embedding space of this engine's vectors: faces of two spaces never compare."""
+        return EmbeddingSpace(self.name, self.version, self.dim)
 
     def describe(self) -> dict:
         return {"name": self.name, "version": self.version, "dim": self.dim}

@@ -109,12 +109,7 @@ class Service:
         """Thumbnails of faces removed while no server ran (by the command line): deleted at start."""
         if not self.thumbnails.is_dir():
             return
-        from sqlalchemy import select
-
-        from index.models import FaceRow
-
-        with self.gallery.store.session() as session:
-            alive = set(session.scalars(select(FaceRow.id)))
+        alive = self.gallery.face_ids()
         for path in self.thumbnails.glob("*.jpg"):
             if not path.stem.isdigit() or int(path.stem) not in alive:
                 path.unlink()
@@ -376,7 +371,7 @@ def create_app(config: ServeConfig, engine: Engine) -> FastAPI:
                              source_path=f"upload:{photo.filename}", source_sha256=photo.sha256)
                      for photo, face in chosen]
         with service.guard:
-            face_ids = service.gallery.add_faces(service.engine.name, service.engine.version, service.engine.dim,
+            face_ids = service.gallery.add_faces(service.engine.space,
                                                  new_faces)
             added = [face_id for face_id in face_ids if face_id is not None]
             if config.keep_thumbnails:
@@ -517,7 +512,7 @@ class _Precomputed:
         self._engine = engine
         self._images = images
         self._found = {id(image): faces for image, faces in zip(images, found)}
-        self.name, self.version, self.dim = engine.name, engine.version, engine.dim
+        self.name, self.version, self.dim, self.space = engine.name, engine.version, engine.dim, engine.space
 
     def image_for(self, path: Path):
         return self._images[int(path.name)]

@@ -69,6 +69,11 @@ class DetectionBatcher:
         return self.engine.dim
 
     @property
+    def space(self):
+        """The engine's :class:`~index.space.EmbeddingSpace` (``service.identify`` searches in it)."""
+        return self.engine.space
+
+    @property
     def default_threshold(self) -> float:
         return self.engine.default_threshold
 

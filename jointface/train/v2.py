@@ -40,7 +40,7 @@ from jointface.datasets.samples import ComposerSettings, SampleComposer
 from jointface.net.loss import check_finite
 from jointface.net.model import MarginClassifier, images_to_tensor, letterbox
 from jointface.net.v2 import (JointNetV2, ModelRecordV2, kmeans_level_anchors, losses_v2, match_multilevel)
-from jointface.weights_file import WEIGHTS_FORMAT
+from jointface.weights_file import half_precision, write_weights
 
 CHECKPOINT_FORMAT = "jointface-v2-checkpoint"
 
@@ -265,19 +265,14 @@ def validate(model: JointNetV2, holdout, teacher_mean: np.ndarray, proxy, loader
 # ----------------------------------------------------------------------------- export
 def export_weights(model: JointNetV2, margin_head: nn.Module | None, config: TrainConfigV2, step: int,
                    metrics: dict, path: Path, data_counts: dict) -> Path:
-    payload = {
-        "format": WEIGHTS_FORMAT,
-        "record": model.record.to_dict(),
-        "state_dict": {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()},
-        "identity_heads": ({"margin.weight": margin_head.weight.detach().half()} if margin_head is not None else {}),
-        "training": {"step": step, "config": {**asdict(config), "identity_heads": ["distill", "relational",
-                                                                                  config.margin_kind]},
-                     "metrics": metrics, "data": data_counts},
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    torch.save(payload, temporary)
-    temporary.replace(path)
+    """The run's weights file (:func:`jointface.weights_file.write_weights`; v2: no ``format_version``)."""
+    write_weights(path, record=model.record.to_dict(), state_dict=half_precision(model.state_dict()),
+                  identity_heads=(half_precision({"margin.weight": margin_head.weight.detach()})
+                                  if margin_head is not None else {}),
+                  training={"step": step, "config": {**asdict(config), "identity_heads": ["distill", "relational",
+                                                                                       config.margin_kind]},
+                            "metrics": metrics, "data": data_counts},
+                  format_version=None)
     return path
 
 

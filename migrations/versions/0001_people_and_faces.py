@@ -8,10 +8,14 @@ Create Date: 2026-11-24
 import sqlalchemy as sa
 from alembic import op
 
+from migrations.helpers import create_indexes, drop_tables
+
 revision = "0001"
 down_revision = None
 branch_labels = None
 depends_on = None
+
+FACES_INDEXES = {"ix_faces_person_id": ["person_id"], "ix_faces_engine": ["engine"]}
 
 
 def upgrade() -> None:
@@ -42,12 +46,8 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.UniqueConstraint("person_id", "engine", "source_sha256", name="uq_faces_person_engine_image"),
     )
-    op.create_index("ix_faces_person_id", "faces", ["person_id"])
-    op.create_index("ix_faces_engine", "faces", ["engine"])
+    create_indexes("faces", FACES_INDEXES)
 
 
 def downgrade() -> None:
-    op.drop_index("ix_faces_engine", table_name="faces")
-    op.drop_index("ix_faces_person_id", table_name="faces")
-    op.drop_table("faces")
-    op.drop_table("people")
+    drop_tables(("faces", FACES_INDEXES), ("people", {}))

@@ -8,10 +8,14 @@ Create Date: 2026-11-30
 import sqlalchemy as sa
 from alembic import op
 
+from migrations.helpers import create_indexes, drop_tables
+
 revision = "0003_api_keys_audit"
 down_revision = "0002"
 branch_labels = None
 depends_on = None
+
+AUDIT_LOG_INDEXES = {"ix_audit_log_at": ["at"]}
 
 
 def upgrade() -> None:
@@ -38,10 +42,8 @@ def upgrade() -> None:
         sa.Column("target", sa.String(255), nullable=False),
         sa.Column("detail", sa.JSON(), nullable=False),
     )
-    op.create_index("ix_audit_log_at", "audit_log", ["at"])
+    create_indexes("audit_log", AUDIT_LOG_INDEXES)
 
 
 def downgrade() -> None:
-    op.drop_index("ix_audit_log_at", table_name="audit_log")
-    op.drop_table("audit_log")
-    op.drop_table("api_keys")
+    drop_tables(("audit_log", AUDIT_LOG_INDEXES), ("api_keys", {}))

@@ -8,10 +8,17 @@ Create Date: 2026-11-30
 import sqlalchemy as sa
 from alembic import op
 
+from migrations.helpers import create_indexes, drop_tables
+
 revision = "0004_face_clusters"
 down_revision = "0003_api_keys_audit"
 branch_labels = None
 depends_on = None
+
+PHOTOS_INDEXES = {"ix_library_photos_path": ["path"]}
+CLUSTERS_INDEXES = {"ix_face_clusters_engine": ["engine"], "ix_face_clusters_person_id": ["person_id"]}
+FACES_INDEXES = {"ix_library_faces_photo_id": ["photo_id"], "ix_library_faces_engine": ["engine"],
+                 "ix_library_faces_cluster_id": ["cluster_id"]}
 
 
 def upgrade() -> None:
@@ -30,7 +37,7 @@ def upgrade() -> None:
         sa.Column("scanned_at", sa.DateTime(timezone=True), nullable=False),
         sa.UniqueConstraint("engine", "engine_version", "sha256", name="uq_library_photos_engine_sha"),
     )
-    op.create_index("ix_library_photos_path", "library_photos", ["path"])
+    create_indexes("library_photos", PHOTOS_INDEXES)
     op.create_table(
         "face_clusters",
         sa.Column("id", sa.Integer(), primary_key=True),
@@ -42,8 +49,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     )
-    op.create_index("ix_face_clusters_engine", "face_clusters", ["engine"])
-    op.create_index("ix_face_clusters_person_id", "face_clusters", ["person_id"])
+    create_indexes("face_clusters", CLUSTERS_INDEXES)
     op.create_table(
         "library_faces",
         sa.Column("id", sa.Integer(), primary_key=True),
@@ -68,18 +74,9 @@ def upgrade() -> None:
                                                          name="fk_library_faces_face_id_faces"), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     )
-    op.create_index("ix_library_faces_photo_id", "library_faces", ["photo_id"])
-    op.create_index("ix_library_faces_engine", "library_faces", ["engine"])
-    op.create_index("ix_library_faces_cluster_id", "library_faces", ["cluster_id"])
+    create_indexes("library_faces", FACES_INDEXES)
 
 
 def downgrade() -> None:
-    op.drop_index("ix_library_faces_cluster_id", table_name="library_faces")
-    op.drop_index("ix_library_faces_engine", table_name="library_faces")
-    op.drop_index("ix_library_faces_photo_id", table_name="library_faces")
-    op.drop_table("library_faces")
-    op.drop_index("ix_face_clusters_person_id", table_name="face_clusters")
-    op.drop_index("ix_face_clusters_engine", table_name="face_clusters")
-    op.drop_table("face_clusters")
-    op.drop_index("ix_library_photos_path", table_name="library_photos")
-    op.drop_table("library_photos")
+    drop_tables(("library_faces", FACES_INDEXES), ("face_clusters", CLUSTERS_INDEXES),
+                ("library_photos", PHOTOS_INDEXES))
