@@ -87,12 +87,14 @@ def bench(
         ctx_ = bench_run.BenchContext(lfw_root=require_shared_data("lfw"), cache_dir=cache, progress=report,
                                       limit=limit)
         wanted = ["p1", "p2", "p3", "p4", "p5", "p6"] if protocol == "all" else [protocol]
+        # a tagged run (a candidate beside the shipped results) draws its plots in OUT/TAG/, not over the shipped ones
+        plots_dir = out_dir / tag if tag else out_dir
         for name in wanted:
-            result = bench_run.run_protocol(name, chosen, ctx_, out_dir)
+            result = bench_run.run_protocol(name, chosen, ctx_, plots_dir)
             path = bench_run.write_results(result, chosen, out_dir, tag=tag)
             out.print(bench_run.markdown_for(result), markup=False)
             err.print(f"written: {path}", markup=False)
-        if out_dir == Path("benchmarks/results") and Path("README.md").exists():
+        if not tag and out_dir == Path("benchmarks/results") and Path("README.md").exists():
             from jointface.bench.report import update_readme
 
             update_readme(Path("README.md"), out_dir)

@@ -29,6 +29,14 @@ def test_bench_p2_subset_writes_results(run_cli, tmp_path):
     again = run_cli("bench", "p2", "--engine", "dlib", "--limit", "12", "--out", out, "--cache", tmp_path / "cache")
     assert json.loads((out / "p2.json").read_text())["figures"]["dlib"]["rank1"] == figures["rank1"]
     assert again.returncode == 0
+    # a tagged run (a candidate) leaves the untagged results and plots alone: its plots go to OUT/TAG/
+    shipped_plot = (out / "p2_det.png").read_bytes()
+    tagged = run_cli("bench", "p2", "--engine", "dlib", "--limit", "6", "--out", out, "--cache", tmp_path / "cache",
+                     "--tag", "candidate")
+    assert tagged.returncode == 0, tagged.stderr
+    assert json.loads((out / "p2-candidate.json").read_text())["config"]["subset"] == 6
+    assert json.loads((out / "p2.json").read_text())["config"]["subset"] == 12
+    assert (out / "p2_det.png").read_bytes() == shipped_plot and (out / "candidate" / "p2_det.png").is_file()
 
 
 def test_calibrate_sets_the_threshold_search_uses(knn_home_copy, lfw_dir, dlib_engine, run_cli):
