@@ -392,7 +392,7 @@ class Gallery:
     @property
     def library(self) -> PhotoLibrary:
         """The photo library of ``jointface cluster`` (:mod:`index.library`)."""
-        return PhotoLibrary(self)
+        return PhotoLibrary(self.store, self.locked)
 
     def enrolled_hashes(self, engine_name: str) -> set[tuple[str, str]]:
         """``(person name, photo file SHA-256)`` of every face enrolled with this engine."""

@@ -12,16 +12,13 @@ Use it as ``gallery.library``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import Callable, ContextManager, Sequence
 
 import numpy as np
 from sqlalchemy import delete, func, select, update
 
 from .errors import ClusterError
 from .models import FaceCluster, FaceRow, LibraryFace, LibraryPhoto, Person
-
-if TYPE_CHECKING:
-    from .gallery import Gallery
 
 OPEN, NAMED, IGNORED = "open", "named", "ignored"
 
@@ -74,9 +71,10 @@ def _check_engine(cluster: FaceCluster, engine_name: str, engine_version: str) -
 class PhotoLibrary:
     """The library tables of one gallery (``gallery.library``)."""
 
-    def __init__(self, gallery: "Gallery"):
-        self._gallery = gallery
-        self._store = gallery.store
+    def __init__(self, store, locked: Callable[[], ContextManager]):
+        """``store``: the gallery's identity store; ``locked``: the gallery's write lock (``Gallery.locked``)."""
+        self._store = store
+        self._locked = locked
 
     # -- scanning ------------------------------------------------------------------------------
 
@@ -131,7 +129,7 @@ class PhotoLibrary:
         """Write a reclustering (see :class:`Grouping`) under the gallery's lock; ``clusters`` as read by
         :meth:`faces_and_clusters` (reopened ones open). Clusters left empty, named ones aside, are deleted."""
         clusters = dict(clusters)
-        with self._gallery.locked(), self._store.session() as session:
+        with self._locked(), self._store.session() as session:
             people = {name: pid for name, pid in session.execute(select(Person.name, Person.id))}
             named_of_person: dict[int, int] = {}
             for cluster_id, (status, person_id) in sorted(clusters.items()):
@@ -268,7 +266,7 @@ class PhotoLibrary:
         """After the faces (``(library face id, photo sha256)``) were enrolled for ``name``: link each to its
         gallery face and the person, and name the cluster, or move its faces to the person's named cluster of
         this engine version when there is one (this cluster is then deleted). Returns the named cluster's id."""
-        with self._gallery.locked(), self._store.session() as session:
+        with self._locked(), self._store.session() as session:
             cluster = _cluster(session, cluster_id)
             person = session.scalar(select(Person).where(Person.name == name))
             if person is None:
@@ -304,7 +302,7 @@ class PhotoLibrary:
     def merge(self, into: int, source: int, person: str | None) -> None:
         """Move cluster ``source``'s faces into ``into`` and delete ``source``; an unnamed result is open,
         unless it joins an ignored cluster."""
-        with self._gallery.locked(), self._store.session() as session:
+        with self._locked(), self._store.session() as session:
             target, other = _cluster(session, into), _cluster(session, source)
             session.execute(update(LibraryFace).where(LibraryFace.cluster_id == source).values(cluster_id=into))
             session.delete(other)
@@ -330,7 +328,7 @@ class PhotoLibrary:
         """The first part keeps ``cluster_id``, each other part becomes a new open cluster, ``loose`` faces
         are unclustered; returns ``[(cluster id, size), ...]``."""
         result: list[tuple[int, int]] = []
-        with self._gallery.locked(), self._store.session() as session:
+        with self._locked(), self._store.session() as session:
             for position, members in enumerate(parts):
                 if position == 0:
                     target = cluster_id
@@ -347,7 +345,7 @@ class PhotoLibrary:
 
     def set_ignored(self, cluster_id: int, *, undo: bool = False) -> None:
         """Mark a cluster ignored (``undo``: open again); named clusters are refused."""
-        with self._gallery.locked(), self._store.session() as session:
+        with self._locked(), self._store.session() as session:
             cluster = _cluster(session, cluster_id)
             if cluster.status == NAMED and cluster.person_id is not None:
                 raise ClusterError(f"cluster {cluster_id} is named (its faces are enrolled): remove the person with "
