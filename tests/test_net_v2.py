@@ -370,3 +370,57 @@ def test_a_mixed_run_learns_detection_and_identity_on_crops_in_one_step(tmp_path
     expected = sum(weights[k] * row[k] for k in weights)
     assert abs(row["total"] - expected) < 1e-3 * max(1.0, expected)
     assert json.loads((tmp_path / "mixed" / "data.json").read_text())["crop_bank_faces"] == len(run.crops.bank)
+
+
+def test_an_own_detection_neck_keeps_detection_gradients_away_from_identity(one_torch_thread):
+    torch.manual_seed(0)
+    shared = JointNetV2(tiny_record()).eval()
+    own = JointNetV2(tiny_record(detection_neck="own")).eval()
+    own.load_state_dict(shared.state_dict(), strict=False)
+    own.split_detection_neck()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():  # split from a shared network, the own neck gives the same maps
+        for a, b in zip(shared.forward_maps(images), own.forward_maps(images)):
+            assert torch.allclose(a, b, atol=1e-6)
+    # a detection loss reaches the detection neck and heads, never the FPN identity reads
+    own.train()
+    detections = own.detections_from_maps(own.forward_maps(images)[:3])
+    (detections.box_raw.square().mean() + detections.face_logits.mean()).backward()
+    grads = {name.split(".")[0] for name, p in own.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert {"detection_lateral", "detection_smooth", "heads", "backbone"} <= grads
+    assert not grads & {"lateral", "smooth", "identity_map", "identity"}
+    with pytest.raises(ValueError, match="no detection neck of its own"):
+        shared.split_detection_neck()
+    with pytest.raises(ValueError, match="detection_neck"):
+        ModelRecordV2.from_dict({**tiny_record().to_dict(), "detection_neck": "twin"})
+    assert ModelRecordV2.from_dict(own.record.to_dict()).detection_neck == "own"
+    # a record written before the field existed reads as a shared neck
+    old = tiny_record().to_dict()
+    del old["detection_neck"]
+    assert ModelRecordV2.from_dict(old).detection_neck == "shared"
+
+
+def test_a_detection_neck_run_starts_from_a_shared_network_and_leaves_identity_as_it_was(
+        tmp_path, lfw_dir, one_torch_thread):
+    from jointface.train.v2 import Run, TrainConfigV2
+
+    tiny = dict(labels=_labels(tmp_path, lfw_dir), backbone="resnet_tiny", input_size=64, fpn_channels=16,
+                identity_channels=16, embedding_dim=16, roi_size=4, batch_size=2, warmup_steps=1,
+                checkpoint_every=1, log_every=1, validate_every=0, anchor_sample_images=20, num_threads=1,
+                progress=False)
+    Run(TrainConfigV2(out_dir=str(tmp_path / "joint"), max_steps=1, **tiny)).run()
+    reference = tmp_path / "joint" / "jointface.pt"
+    neck = Run(TrainConfigV2(out_dir=str(tmp_path / "neck"), max_steps=2, anchors_from=str(reference),
+                             init_state=[[str(reference), ["backbone.", "lateral.", "smooth.", "identity_map.",
+                                                           "identity.", "heads."]]],
+                             detection_neck="own", split_detection_neck=True,
+                             trainable=["detection_lateral.", "detection_smooth.", "heads."], **tiny))
+    state = neck.model.state_dict()
+    assert torch.equal(state["detection_lateral.0.weight"], state["lateral.0.weight"])
+    before = {k: v.clone() for k, v in state.items()}
+    neck.run()
+    after = neck.model.state_dict()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"detection_lateral", "detection_smooth", "heads"}
+    from jointface.weights_file import load_weights
+    assert load_weights(tmp_path / "neck" / "jointface.pt")[0]["record"]["detection_neck"] == "own"

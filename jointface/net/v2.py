@@ -5,6 +5,8 @@ Architecture::
     image (B, 3, H, W) -> ResNet stages -> C3 (s8), C4 (s16), C5 (s32)
       -> FPN (top-down, ``fpn_channels``) -> P3, P4, P5
       -> per level a YOLO head: 3x3 conv + ReLU -> 1x1 conv: per anchor 4 box numbers + 1 face logit
+         (``detection_neck="own"``: the heads read a second FPN on the same C3-C5, so detection's
+         gradients never reach the features identity reads)
       -> identity map: 3x3 conv + BN + ReLU on P3 and P4 (shared weights)
       -> RoIAlign of each face box (enlarged by ``roi_margin``) from P3 (small faces) or P4
          (faces of ``roi_split`` px and more) into ``roi_size x roi_size``
@@ -45,6 +47,7 @@ from .resnet import build_resnet
 
 ARCHITECTURE = "v2"
 TEACHER_DIM = 128
+DETECTION_NECKS = ("shared", "own")
 
 
 @dataclass
@@ -65,6 +68,9 @@ class ModelRecordV2:
     roi_size: int = 8
     roi_margin: float = 1.25
     roi_split: float = 112.0
+    #: ``shared``: detection heads and the identity map read one FPN; ``own``: detection has an FPN of its
+    #: own on the same backbone maps, so detection training leaves identity's features alone (issue 15)
+    detection_neck: str = "shared"
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     class_names: list[str] = field(default_factory=list)
@@ -82,6 +88,8 @@ class ModelRecordV2:
             raise ValueError(f"unknown model record fields: {sorted(unknown)}")
         if values.get("architecture", ARCHITECTURE) != ARCHITECTURE:
             raise ValueError(f"not a {ARCHITECTURE} record: {values.get('architecture')!r}")
+        if values.get("detection_neck", "shared") not in DETECTION_NECKS:
+            raise ValueError(f"detection_neck must be one of {DETECTION_NECKS}: {values.get('detection_neck')!r}")
         return cls(**values)
 
     @property
@@ -158,10 +166,12 @@ class JointNetV2(nn.Module):
         width = self.backbone.num_features // 8  # C3 channels (stage 2 of 4)
         in_channels = [width * 2, width * 4, width * 8]  # C3, C4, C5
         channels = record.fpn_channels
-        self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
-        self.smooth = nn.ModuleList(nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-                                                  nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
-                                    for _ in in_channels)
+        if record.detection_neck not in DETECTION_NECKS:
+            raise ValueError(f"detection_neck must be one of {DETECTION_NECKS}: {record.detection_neck!r}")
+        self.lateral, self.smooth = self._fpn(in_channels, channels)
+        #: with ``detection_neck == "own"`` the detection heads read these; ``lateral``/``smooth`` feed identity
+        self.detection_lateral, self.detection_smooth = (self._fpn(in_channels, channels)
+                                                         if record.detection_neck == "own" else (None, None))
         anchors_per_level = [len(sizes) for sizes in record.anchor_sizes]
         self.heads = nn.ModuleList(nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True),
                                                  nn.Conv2d(channels, count * 5, 1))
@@ -185,6 +195,30 @@ class JointNetV2(nn.Module):
         #: mean dlib descriptor of the training faces: the distillation target is the teacher minus this
         self.register_buffer("teacher_mean", torch.zeros(TEACHER_DIM))
 
+    @staticmethod
+    def _fpn(in_channels: Sequence[int], channels: int) -> tuple[nn.ModuleList, nn.ModuleList]:
+        lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
+        smooth = nn.ModuleList(nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                                             nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+                               for _ in in_channels)
+        return lateral, smooth
+
+    @staticmethod
+    def _top_down(lateral: nn.ModuleList, smooth: nn.ModuleList, c3: torch.Tensor, c4: torch.Tensor,
+                  c5: torch.Tensor, levels: int = 3) -> list[torch.Tensor]:
+        """FPN: P3, P4, P5 (the first ``levels`` of them smoothed and returned)."""
+        p5 = lateral[2](c5)
+        p4 = lateral[1](c4) + F.interpolate(p5, size=c4.shape[-2:], mode="nearest")
+        p3 = lateral[0](c3) + F.interpolate(p4, size=c3.shape[-2:], mode="nearest")
+        return [block(p) for block, p in zip(smooth[:levels], (p3, p4, p5))]
+
+    def split_detection_neck(self) -> None:
+        """Start the own detection FPN as a copy of the shared one (a shared-neck network's weights loaded)."""
+        if self.detection_lateral is None:
+            raise ValueError("this network has no detection neck of its own (detection_neck is 'shared')")
+        self.detection_lateral.load_state_dict(self.lateral.state_dict())
+        self.detection_smooth.load_state_dict(self.smooth.state_dict())
+
     # ------------------------------------------------------------------ the dense part (one pass per photo)
     def anchor_grids(self) -> list[AnchorGrid]:
         return [AnchorGrid(torch.tensor(sizes, dtype=torch.float32), stride)
@@ -203,11 +237,13 @@ class JointNetV2(nn.Module):
         with torch.set_grad_enabled(grad and self.frozen_stages < 3):
             c4 = b.layer3(c3)
         c5 = b.layer4(c4)
-        p5 = self.lateral[2](c5)
-        p4 = self.lateral[1](c4) + F.interpolate(p5, size=c4.shape[-2:], mode="nearest")
-        p3 = self.lateral[0](c3) + F.interpolate(p4, size=c3.shape[-2:], mode="nearest")
-        p3, p4, p5 = self.smooth[0](p3), self.smooth[1](p4), self.smooth[2](p5)
-        detection = [head(p) for head, p in zip(self.heads, (p3, p4, p5))]
+        if self.detection_lateral is None:
+            p3, p4, p5 = self._top_down(self.lateral, self.smooth, c3, c4, c5)
+            detection_levels = (p3, p4, p5)
+        else:  # identity needs P3 and P4 of its FPN only; detection reads its own three levels
+            p3, p4 = self._top_down(self.lateral, self.smooth, c3, c4, c5, levels=2)
+            detection_levels = self._top_down(self.detection_lateral, self.detection_smooth, c3, c4, c5)
+        detection = [head(p) for head, p in zip(self.heads, detection_levels)]
         return (*detection, self.identity_map(p3), self.identity_map(p4))
 
     def detections_from_maps(self, maps: Sequence[torch.Tensor]) -> DetectionsV2:

@@ -68,6 +68,10 @@ class TrainConfigV2:
     embedding_dim: int = 128
     roi_size: int = 8
     roi_margin: float = 1.25
+    #: ``shared`` or ``own`` (see :class:`jointface.net.v2.ModelRecordV2`); with ``split_detection_neck`` the
+    #: own detection FPN starts as a copy of the shared FPN after ``init_state`` (a shared-neck network's weights)
+    detection_neck: str = "shared"
+    split_detection_neck: bool = False
     batch_size: int = 24
     max_steps: int = 4000
     lr: float = 1e-3
@@ -366,7 +370,7 @@ class Run:
                                    anchor_sizes=self._anchors(), fpn_channels=config.fpn_channels,
                                    identity_channels=config.identity_channels, embedding_dim=config.embedding_dim,
                                    roi_size=config.roi_size, roi_margin=config.roi_margin,
-                                   class_names=self.data.class_names, training_command=" ".join(sys.argv),
+                                   detection_neck=config.detection_neck, class_names=self.data.class_names, training_command=" ".join(sys.argv),
                                    training_data=json.dumps(sorted(config.labels)))
         self.model = JointNetV2(record).to(memory_format=torch.channels_last)
         self.model.teacher_mean.copy_(torch.from_numpy(self.teacher_mean))
@@ -378,6 +382,9 @@ class Run:
         if resume is None and config.init_state:
             for line in load_parts(self.model, self.margin_head, config.init_state):
                 print(f"init: {line}", flush=True)
+        if resume is None and config.split_detection_neck:
+            self.model.split_detection_neck()
+            print("init: the detection FPN is a copy of the shared FPN", flush=True)
         if config.frozen_stages:
             if not (config.init_weights or config.init_state):
                 raise ValueError("frozen_stages needs init_weights or init_state: a backbone trained from scratch "
