@@ -296,10 +296,24 @@ def quantize(
     out_path: Optional[Path] = typer.Option(None, "--out", help="Where to write the model (default: beside the "
                                                                 "weights, NAME.int8.onnx, where "
                                                                 "--engine jointface-int8 finds it)."),
+    size: Optional[list[str]] = typer.Option(None, "--size", help="Calibration size, repeatable: a shorter side "
+                                                                  "in px the photos are resized to, or 'photo' "
+                                                                  "for the photos as they are (default: "
+                                                                  "jointface.engines.joint_engine."
+                                                                  "CALIBRATION_SIZES)."),
 ) -> None:
     """Quantise the joint network to int8 for --engine jointface-int8 (calibrated on photos of faces)."""
-    from jointface.engines.joint_engine import quantize_weights
+    from jointface.engines.joint_engine import CALIBRATION_SIZES, quantize_weights
     from jointface.imageio import list_images
+
+    sizes: list[int | None] = []
+    for given in size or []:
+        if given == "photo":
+            sizes.append(None)
+        elif given.isdigit() and 32 <= int(given) <= 4096:
+            sizes.append(int(given))
+        else:
+            raise CliError(f"--size {given!r}: give a shorter side in px (32-4096) or 'photo'")
 
     paths = []
     for given in photos:
@@ -319,7 +333,7 @@ def quantize(
         task = progress.add_task("calibrating", total=min(count, len(paths)), current="")
         try:
             summary = quantize_weights(weights, paths, count=count, out=out_path,
-                                       progress=lambda done, total: progress.update(task, completed=done,
+                                       sizes=tuple(sizes) or CALIBRATION_SIZES, progress=lambda done, total: progress.update(task, completed=done,
                                                                                     total=total))
         except ValueError as exc:
             raise CliError(str(exc)) from exc
@@ -327,7 +341,7 @@ def quantize(
         err.print(f"skipped: {message}", markup=False)
     out.print(f"int8 model of {summary['weights']} (version {summary['weights_version']}) written to "
               f"{summary['path']}: {summary['bytes'] / 1e6:.1f} MB, calibrated on {summary['photos']} photos "
-              f"at input sizes {summary['input_sizes']}", markup=False)
+              f"(sizes: {', '.join(map(str, summary['sizes']))}) at input sizes {summary['input_sizes']}", markup=False)
 
 
 def _benchmark_engines() -> list[str]:

@@ -187,7 +187,13 @@ def test_training_run_resumes_and_exports_weights_the_engine_runs(tmp_path, lfw_
 
     photos = sorted((lfw_dir / "Abdullah_Gul").glob("*.jpg"))[:12]
     summary = quantize_weights(weights, photos, count=12)
-    assert Path(summary["path"]).is_file()
+    assert Path(summary["path"]).is_file() and summary["sizes"] == [320]
+    # photos as they are (250 px: input 192) beside the 320 px ones (input 256)
+    other = quantize_weights(weights, photos, count=12, sizes=(None, 320), out=tmp_path / "other.int8.onnx")
+    assert other["sizes"] == ["photo", 320]
+    assert len(other["input_sizes"]) > len(summary["input_sizes"]) and other["images"] > summary["images"]
+    with pytest.raises(ValueError, match="no calibration sizes"):
+        quantize_weights(weights, photos, count=12, sizes=(), out=tmp_path / "x.int8.onnx")
     image = load_image(knn_dir / "test" / "obama1.jpg")
     reference = JointEngine(weights, conf_threshold=0.0, fuse=False, channels_last=False).detect(image)
     for runtime in ("onnx", "int8", "auto"):

@@ -255,3 +255,5 @@ def test_quantize_writes_an_int8_model_that_only_its_weights_use(run_cli, lfw_di
     unreadable = run_cli("quantize", "--weights", weights, tmp_path / "nothing-here")
     assert unreadable.returncode != 0 and "only 0 readable calibration photos" in unreadable.stderr
     assert "nothing-here" in unreadable.stderr
+    refused = run_cli("quantize", "--weights", weights, "--size", "tiny", *people)
+    assert refused.returncode != 0 and "--size 'tiny'" in refused.stderr

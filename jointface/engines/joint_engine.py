@@ -386,42 +386,63 @@ class JointEngine(Engine):
                 **self.training}
 
 
+#: calibration sizes: ``None`` is a photo as it is; a number, the photo resized to that shorter side
+CALIBRATION_SIZES: tuple[int | None, ...] = (320,)
+
+
 def quantize_weights(weights: str | os.PathLike | None, photos: Sequence[str | os.PathLike], count: int = 64,
-                     out: str | os.PathLike | None = None, progress=None) -> dict:
+                     out: str | os.PathLike | None = None, progress=None,
+                     sizes: Sequence[int | None] = CALIBRATION_SIZES) -> dict:
     """Make the int8 model of a weights file (engine ``jointface-int8``), calibrated on ``photos``.
 
-    ``count`` photos, evenly spaced over the sorted list, are resized to a
-    shorter side of 320 px as `jointface organize` does. They are fed as the
-    engine feeds them, alone (batches of 8) and as 2x2 mosaics of four
-    (batches of 2), so the activation ranges cover both input sizes. Use
-    training photos, never test ones. Unreadable photos are skipped and counted.
+    ``count`` photos, evenly spaced over the sorted list, are taken at each of
+    ``sizes`` (``320``: resized to a shorter side of 320 px as `jointface
+    organize` does; ``None``: as they are). They are fed as the engine feeds
+    them, alone (batches of 8, one size per batch) and as 2x2 mosaics of four
+    (batches of 2), so the activation ranges cover the input sizes the engine
+    uses.
+    Use training photos, never test ones. Unreadable photos are skipped and counted.
     Returns a summary (path, weights version, photos used, skipped, bytes).
     """
     from jointface.imageio import ImageLoadError, load_image, mosaic, resize_shorter_side
 
     from .onnx_runtime import int8_model_path, quantize_int8
 
+    if not sizes:
+        raise ValueError("no calibration sizes")
     engine = JointEngine(weights, channels_last=False)
     photos = sorted(Path(p) for p in photos)
     if not photos:
         raise ValueError("no calibration photos")
     step = max(1, len(photos) // max(1, count))
     chosen = photos[::step][:count]
-    images, skipped = [], []
+    by_size: dict[int | None, list[np.ndarray]] = {size: [] for size in sizes}
+    skipped = []
     for index, path in enumerate(chosen):
         try:
-            images.append(resize_shorter_side(load_image(path), 320))
+            image = load_image(path)
+            for size in sizes:
+                by_size[size].append(image if size is None else resize_shorter_side(image, size))
         except (ImageLoadError, OSError) as exc:
             skipped.append(f"{path}: {exc}")
         if progress is not None:
             progress(index + 1, len(chosen))
-    if len(images) < 8:
+    readable = len(chosen) - len(skipped)
+    if readable < 8:
         first = f" (first failure: {skipped[0]})" if skipped else ""
-        raise ValueError(f"only {len(images)} readable calibration photos of {len(chosen)}: at least 8 "
+        raise ValueError(f"only {readable} readable calibration photos of {len(chosen)}: at least 8 "
                          f"needed{first}")
-    batches = [engine.network_batch(images[i:i + 8]) for i in range(0, len(images), 8)]
-    mosaics = [mosaic(images[i:i + 4]) for i in range(0, len(images) - 3, 4)]
-    batches += [engine.network_batch(mosaics[i:i + 2]) for i in range(0, len(mosaics), 2)]
+    batches = []
+    for images in by_size.values():
+        # photos as they are differ in size: a batch holds photos the engine would run at one input size
+        groups: dict[int, list[np.ndarray]] = {}
+        for image in images:
+            groups.setdefault(engine.network_input_size(max(image.shape[:2])), []).append(image)
+        for group in groups.values():
+            batches += [engine.network_batch(group[i:i + 8]) for i in range(0, len(group), 8)]
+        mosaics = [mosaic(images[i:i + 4]) for i in range(0, len(images) - 3, 4)]
+        batches += [engine.network_batch(mosaics[i:i + 2]) for i in range(0, len(mosaics), 2)]
     target = Path(out) if out is not None else int8_model_path(engine.weights_path)
     summary = quantize_int8(engine.model, engine.version, batches, target)
-    return {**summary, "weights": str(engine.weights_path), "photos": len(images), "skipped": skipped}
+    return {**summary, "weights": str(engine.weights_path), "photos": readable, "skipped": skipped,
+            "sizes": ["photo" if size is None else size for size in sizes]}
