@@ -430,3 +430,15 @@ def test_a_detection_neck_run_starts_from_a_shared_network_and_leaves_identity_a
     assert changed == {"detection_lateral", "detection_smooth", "heads"}
     from jointface.weights_file import load_weights
     assert load_weights(tmp_path / "neck" / "jointface.pt")[0]["record"]["detection_neck"] == "own"
+
+
+def test_validation_reads_an_embedding_of_another_size_in_the_teachers_space(one_torch_thread):
+    from types import SimpleNamespace
+
+    from jointface.train.v2 import validate
+
+    model = JointNetV2(tiny_record(embedding_dim=16))  # 16-d embedding, 128-d teacher
+    teacher = np.random.default_rng(0).normal(size=128)
+    photo = SimpleNamespace(faces=[SimpleNamespace(teacher=teacher, box=(8.0, 8.0, 40.0, 40.0))])
+    metrics = validate(model, [photo], np.zeros(128), [], lambda _: np.zeros((64, 64, 3), np.uint8), 64)
+    assert metrics["holdout_faces"] == 1 and -1.0 <= metrics["holdout_cos"] <= 1.0

@@ -256,6 +256,10 @@ def validate(model: JointNetV2, holdout, teacher_mean: np.ndarray, proxy, loader
         if not faces:
             continue
         embeddings = embed_boxes(model, loader(photo), [list(f.box) for f in faces], size)
+        if embeddings.shape[1] != len(teacher_mean):  # the teacher's space: through the distillation's map
+            with torch.inference_mode():
+                embeddings = torch.nn.functional.normalize(
+                    model.teacher_projection(torch.from_numpy(embeddings)), dim=-1).numpy()
         for embedding, face in zip(embeddings, faces):
             target = face.teacher - teacher_mean
             cosines.append(float(embedding @ target / max(np.linalg.norm(target), 1e-9)))

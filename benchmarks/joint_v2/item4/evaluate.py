@@ -1,0 +1,105 @@
+"""Issue 15 item 4's short-budget arms, measured on more people than their training validation saw.
+
+    python benchmarks/joint_v2/item4/evaluate.py RUN_DIR [RUN_DIR ...] [--labels runs/labels/lfw.jsonl]
+                                                 [--out benchmarks/joint_v2/item4]
+
+Each RUN_DIR's ``jointface.pt`` (a v2 run's exported weights) embeds dlib's
+landmark box of every photo of the LFW P2 people (2-5 photos each; never in
+training), each photo letterboxed to 192 px as the runs' validation does, in
+fp32 torch. Figures:
+
+* ``rank1@150``: the runs' own validation proxy (first 150 people, first photo
+  enrolled, the others probes), recomputed;
+* ``rank1@all``: the same over every P2 person (a gallery about nine times
+  larger, so nearer P2's own rank-1);
+* ``tpir@fpir=0.01``: open set. The people of even index are enrolled (first
+  photo) and probed with their other photos; every photo of the people of odd
+  index is a stranger. The threshold is the stranger scores' 99th percentile.
+
+Writes ``results.json`` and ``results.md`` in --out and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def open_set(people: list[str], embeddings: np.ndarray, fpir: float = 0.01) -> dict:
+    order = sorted(set(people))
+    enrolled = {person for index, person in enumerate(order) if index % 2 == 0}
+    gallery, names, mated, mated_names, strangers = [], [], [], [], []
+    seen: set[str] = set()
+    for person, vector in zip(people, embeddings):
+        if person not in enrolled:
+            strangers.append(vector)
+        elif person in seen:
+            mated.append(vector)
+            mated_names.append(person)
+        else:
+            seen.add(person)
+            gallery.append(vector)
+            names.append(person)
+    gallery = np.stack(gallery)
+    stranger_best = (np.stack(strangers) @ gallery.T).max(axis=1)
+    threshold = float(np.quantile(stranger_best, 1 - fpir))
+    scores = np.stack(mated) @ gallery.T
+    best = scores.argmax(axis=1)
+    hits = [names[b] == name and scores[i, b] > threshold for i, (b, name) in enumerate(zip(best, mated_names))]
+    return {"tpir": float(np.mean(hits)), "threshold": threshold, "enrolled": len(gallery), "mated": len(mated),
+            "strangers": len(strangers)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--labels", default="runs/labels/lfw.jsonl")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from jointface.imageio import load_image
+    from jointface.train.v2 import JointNetV2, ModelRecordV2, embed_boxes, p2_proxy_set, proxy_rank1, v2_state
+
+    torch.set_num_threads(2)
+    photos = p2_proxy_set(args.labels, 100_000)
+    people = [person for person, _, _ in photos]
+    first150 = sorted(set(people))[:150]
+    in150 = [person in set(first150) for person in people]
+    images = [load_image(path) for _, path, _ in photos]
+    print(f"{len(set(people))} P2 people, {len(photos)} photos", flush=True)
+    results = {"labels": args.labels, "people": len(set(people)), "photos": len(photos), "runs": {}}
+    for run in args.runs:
+        record, state, _ = v2_state(run / "jointface.pt")
+        model = JointNetV2(ModelRecordV2.from_dict(record))
+        model.load_state_dict(state)
+        model.eval()
+        with torch.inference_mode():
+            vectors = np.stack([embed_boxes(model, image, [box], 192)[0] for image, (_, _, box) in zip(images, photos)])
+        rank150, probes150 = proxy_rank1([p for p, keep in zip(people, in150) if keep], vectors[np.array(in150)])
+        rank_all, probes_all = proxy_rank1(people, vectors)
+        figures = {"rank1@150": rank150, "probes@150": probes150, "rank1@all": rank_all, "probes@all": probes_all,
+                   **{f"open_{k}": v for k, v in open_set(people, vectors).items()}}
+        config = json.loads((run / "config.json").read_text())
+        figures["notes"] = config.get("notes", "")
+        results["runs"][run.name] = figures
+        print(run.name, {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items() if k != "notes"},
+              flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = ["| arm | rank-1, 150 people | rank-1, all P2 people | TPIR at FPIR 0.01 (open set) |", "|---|---|---|---|"]
+    for name, f in results["runs"].items():
+        lines.append(f"| {name} | {f['rank1@150']:.2%} ({f['probes@150']} probes) | {f['rank1@all']:.2%} "
+                     f"({f['probes@all']} probes) | {f['open_tpir']:.2%} |")
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
