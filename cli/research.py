@@ -333,7 +333,8 @@ def quantize(
         task = progress.add_task("calibrating", total=min(count, len(paths)), current="")
         try:
             summary = quantize_weights(weights, paths, count=count, out=out_path,
-                                       sizes=tuple(sizes) or CALIBRATION_SIZES, progress=lambda done, total: progress.update(task, completed=done,
+                                       sizes=tuple(sizes) or CALIBRATION_SIZES,
+                                       progress=lambda done, total: progress.update(task, completed=done,
                                                                                     total=total))
         except ValueError as exc:
             raise CliError(str(exc)) from exc
@@ -341,7 +342,8 @@ def quantize(
         err.print(f"skipped: {message}", markup=False)
     out.print(f"int8 model of {summary['weights']} (version {summary['weights_version']}) written to "
               f"{summary['path']}: {summary['bytes'] / 1e6:.1f} MB, calibrated on {summary['photos']} photos "
-              f"(sizes: {', '.join(map(str, summary['sizes']))}) at input sizes {summary['input_sizes']}", markup=False)
+              f"(sizes: {', '.join(map(str, summary['sizes']))}) at input sizes {summary['input_sizes']}",
+              markup=False)
 
 
 def _benchmark_engines() -> list[str]:

@@ -88,9 +88,11 @@ class ModelRecordV2:
             raise ValueError(f"unknown model record fields: {sorted(unknown)}")
         if values.get("architecture", ARCHITECTURE) != ARCHITECTURE:
             raise ValueError(f"not a {ARCHITECTURE} record: {values.get('architecture')!r}")
-        if values.get("detection_neck", "shared") not in DETECTION_NECKS:
-            raise ValueError(f"detection_neck must be one of {DETECTION_NECKS}: {values.get('detection_neck')!r}")
         return cls(**values)
+
+    def __post_init__(self) -> None:
+        if self.detection_neck not in DETECTION_NECKS:
+            raise ValueError(f"detection_neck must be one of {DETECTION_NECKS}: {self.detection_neck!r}")
 
     @property
     def stride(self) -> int:
@@ -166,10 +168,9 @@ class JointNetV2(nn.Module):
         width = self.backbone.num_features // 8  # C3 channels (stage 2 of 4)
         in_channels = [width * 2, width * 4, width * 8]  # C3, C4, C5
         channels = record.fpn_channels
-        if record.detection_neck not in DETECTION_NECKS:
-            raise ValueError(f"detection_neck must be one of {DETECTION_NECKS}: {record.detection_neck!r}")
         self.lateral, self.smooth = self._fpn(in_channels, channels)
-        #: with ``detection_neck == "own"`` the detection heads read these; ``lateral``/``smooth`` feed identity
+        #: with ``detection_neck == "own"`` the detection heads read these, and ``lateral``/``smooth`` feed
+        #: identity alone (which reads P3 and P4, so ``smooth[2]`` is then unused: kept for the weights' layout)
         self.detection_lateral, self.detection_smooth = (self._fpn(in_channels, channels)
                                                          if record.detection_neck == "own" else (None, None))
         anchors_per_level = [len(sizes) for sizes in record.anchor_sizes]
