@@ -16,7 +16,8 @@ fp32 torch. Figures:
   photo) and probed with their other photos; every photo of the people of odd
   index is a stranger. The threshold is the stranger scores' 99th percentile.
 
-Writes ``results.json`` and ``results.md`` in --out and prints the table.
+Writes ``results.json``, ``results.md`` and ``results.png`` in --out and prints
+the table; ``--replot`` redraws the table and plot from ``results.json`` alone.
 """
 
 from __future__ import annotations
@@ -54,12 +55,52 @@ def open_set(people: list[str], embeddings: np.ndarray, fpir: float = 0.01) -> d
             "strangers": len(strangers)}
 
 
+def write_outputs(results: dict, out: Path) -> None:
+    """``results.md`` (the table, also printed) and ``results.png`` (rank-1 and open-set TPIR per arm)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    lines = ["| arm | rank-1, 150 people | rank-1, all P2 people | TPIR at FPIR 0.01 (open set) |", "|---|---|---|---|"]
+    for name, f in runs.items():
+        lines.append(f"| {name} | {f['rank1@150']:.2%} ({f['probes@150']} probes) | {f['rank1@all']:.2%} "
+                     f"({f['probes@all']} probes) | {f['open_tpir']:.2%} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    names = list(runs)
+    x = np.arange(len(names))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for axis, (key, title) in zip(axes, (("rank1@all", f"rank-1, all {results['people']} P2 people"),
+                                         ("open_tpir", "open-set TPIR at FPIR 0.01"))):
+        values = [100 * runs[name][key] for name in names]
+        bars = axis.bar(x, values, color=["tab:blue" if name in ARMS else "tab:gray" for name in names])
+        axis.bar_label(bars, fmt="%.1f%%", fontsize=8)
+        axis.set_xticks(x, names, rotation=20, ha="right")
+        axis.set_ylabel("%")
+        axis.set_title(title)
+    fig.suptitle("Issue 15 item 4: 300-step arms (blue) against the shipped network (grey), dlib's boxes, 192 px")
+    fig.tight_layout()
+    fig.savefig(out / "results.png", dpi=110)
+    plt.close(fig)
+
+
+ARMS = ("distill", "no_distill", "lfw_only", "emb256", "roi12")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("runs", nargs="*", type=Path)
+    parser.add_argument("--replot", action="store_true", help="redraw results.md and results.png from results.json")
     parser.add_argument("--labels", default="runs/labels/lfw.jsonl")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     args = parser.parse_args(argv)
+    if args.replot:
+        write_outputs(json.loads((args.out / "results.json").read_text()), args.out)
+        return 0
+    if not args.runs:
+        parser.error("give at least one RUN_DIR (or --replot)")
 
     import torch
 
@@ -92,12 +133,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = ["| arm | rank-1, 150 people | rank-1, all P2 people | TPIR at FPIR 0.01 (open set) |", "|---|---|---|---|"]
-    for name, f in results["runs"].items():
-        lines.append(f"| {name} | {f['rank1@150']:.2%} ({f['probes@150']} probes) | {f['rank1@all']:.2%} "
-                     f"({f['probes@all']} probes) | {f['open_tpir']:.2%} |")
-    (args.out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_outputs(results, args.out)
     return 0
 
 
