@@ -27,6 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from jointface.bench.metrics import box_iou_np
+from jointface.bench.p6 import greedy_match
+
 VARIANTS = {  # name: calibration sizes (None: the photo as it is)
     "320 (before)": (320,),
     "photo + 320": (None, 320),
@@ -34,26 +37,19 @@ VARIANTS = {  # name: calibration sizes (None: the photo as it is)
 }
 
 
-def iou(a, b) -> float:
-    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def compare(reference: list[list], variant: list[list]) -> dict:
+    """Each reference face's twin in the variant (P6's greedy IoU match, IoU >= 0.5): embedding cosine, IoU."""
     cosines, ious, missed, extra = [], [], 0, 0
     for ref_faces, faces in zip(reference, variant):
-        used = set()
-        for ref in ref_faces:
-            scored = [(iou(ref.box, face.box), index) for index, face in enumerate(faces)]
-            best, index = max(scored, default=(0.0, -1))
-            if best < 0.5:
+        matching = greedy_match([f.box for f in ref_faces], [f.box for f in faces], 0.5)
+        overlaps = box_iou_np([f.box for f in ref_faces], [f.box for f in faces])
+        for index, (ref, twin) in enumerate(zip(ref_faces, matching.detection_of_box)):
+            if twin is None:
                 missed += 1
                 continue
-            used.add(index)
-            ious.append(best)
-            cosines.append(float(np.dot(ref.embedding, faces[index].embedding)))
-        extra += sum(1 for index in range(len(faces)) if index not in used)
+            ious.append(float(overlaps[index, twin]))
+            cosines.append(float(np.dot(ref.embedding, faces[twin].embedding)))
+        extra += matching.false_detections
     cos = np.array(cosines)
     return {"faces": len(cos), "cos_mean": round(float(cos.mean()), 5), "cos_p1": round(float(np.percentile(cos, 1)), 5),
             "cos_min": round(float(cos.min()), 5), "iou_mean": round(float(np.mean(ious)), 4),
@@ -77,11 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     tests = tests[::max(1, len(tests) // args.photos)][:args.photos]
     images = [load_image(path) for path in tests]
     args.out.mkdir(parents=True, exist_ok=True)
-    log = open(args.out / "study.log", "w")
+    lines: list[str] = []
 
     def say(line: str) -> None:
         print(line, flush=True)
-        log.write(line + "\n")
+        lines.append(line)
+        (args.out / "study.log").write_text("\n".join(lines) + "\n")
 
     say(f"weights {args.weights}, {len(calibration)} calibration photos (64 used), {len(images)} P1 test photos")
     reference_engine = JointEngine(args.weights, conf_threshold=0.5, fuse=False, channels_last=False)
