@@ -73,12 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     tests = tests[::max(1, len(tests) // args.photos)][:args.photos]
     images = [load_image(path) for path in tests]
     args.out.mkdir(parents=True, exist_ok=True)
-    lines: list[str] = []
+    log = args.out / "study.log"
+    log.write_text("")
 
     def say(line: str) -> None:
         print(line, flush=True)
-        lines.append(line)
-        (args.out / "study.log").write_text("\n".join(lines) + "\n")
+        with log.open("a") as handle:
+            handle.write(line + "\n")
 
     say(f"weights {args.weights}, {len(calibration)} calibration photos (64 used), {len(images)} P1 test photos")
     reference_engine = JointEngine(args.weights, conf_threshold=0.5, fuse=False, channels_last=False)

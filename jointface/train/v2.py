@@ -175,6 +175,14 @@ def v2_state(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str,
     return payload["record"], as_float(state), as_float(margin)
 
 
+def v2_network(path: str | Path) -> JointNetV2:
+    """The network of a v2 weights file or training checkpoint, float32, in eval mode."""
+    record, state, _ = v2_state(path)
+    model = JointNetV2(ModelRecordV2.from_dict(record))
+    model.load_state_dict(state)
+    return model.eval()
+
+
 def load_parts(model: nn.Module, margin_head: nn.Module | None, parts: list) -> list[str]:
     """Apply ``init_state`` (see :class:`TrainConfigV2`); returns a line per part saying what was taken."""
     said = []

@@ -55,6 +55,9 @@ def open_set(people: list[str], embeddings: np.ndarray, fpir: float = 0.01) -> d
             "strangers": len(strangers)}
 
 
+ARMS = ("distill", "no_distill", "lfw_only", "emb256", "roi12")
+
+
 def write_outputs(results: dict, out: Path) -> None:
     """``results.md`` (the table, also printed) and ``results.png`` (rank-1 and open-set TPIR per arm)."""
     import matplotlib
@@ -86,9 +89,6 @@ def write_outputs(results: dict, out: Path) -> None:
     plt.close(fig)
 
 
-ARMS = ("distill", "no_distill", "lfw_only", "emb256", "roi12")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="*", type=Path)
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from jointface.imageio import load_image
-    from jointface.train.v2 import JointNetV2, ModelRecordV2, embed_boxes, p2_proxy_set, proxy_rank1, v2_state
+    from jointface.train.v2 import embed_boxes, p2_proxy_set, proxy_rank1, v2_network
 
     torch.set_num_threads(2)
     photos = p2_proxy_set(args.labels, 100_000)
@@ -116,10 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(set(people))} P2 people, {len(photos)} photos", flush=True)
     results = {"labels": args.labels, "people": len(set(people)), "photos": len(photos), "runs": {}}
     for run in args.runs:
-        record, state, _ = v2_state(run / "jointface.pt")
-        model = JointNetV2(ModelRecordV2.from_dict(record))
-        model.load_state_dict(state)
-        model.eval()
+        model = v2_network(run / "jointface.pt")
         with torch.inference_mode():
             vectors = np.stack([embed_boxes(model, image, [box], 192)[0] for image, (_, _, box) in zip(images, photos)])
         rank150, probes150 = proxy_rank1([p for p, keep in zip(people, in150) if keep], vectors[np.array(in150)])

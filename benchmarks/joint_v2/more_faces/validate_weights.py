@@ -15,8 +15,7 @@ import json
 import torch
 
 from jointface.datasets.build import PhotoLoader, build_training_set
-from jointface.net.v2 import JointNetV2, ModelRecordV2
-from jointface.train.v2 import TrainConfigV2, p2_proxy_set, v2_state, validate
+from jointface.train.v2 import TrainConfigV2, p2_proxy_set, v2_network, validate
 
 
 def main() -> None:
@@ -29,11 +28,9 @@ def main() -> None:
     data = build_training_set(config.labels, limits=config.limits)
     proxy = p2_proxy_set(config.labels["lfw"], config.p2proxy_people)
     loader = PhotoLoader(cache_items=0)
+    teacher_mean = data.teacher_mean()
     for path in args.weights:
-        record, state, _ = v2_state(path)
-        model = JointNetV2(ModelRecordV2.from_dict(record))
-        model.load_state_dict(state)
-        metrics = validate(model, data.holdout[:200], data.teacher_mean(), proxy, loader, config.input_size)
+        metrics = validate(v2_network(path), data.holdout[:200], teacher_mean, proxy, loader, config.input_size)
         print(json.dumps({"weights": path, **metrics}), flush=True)
 
 
