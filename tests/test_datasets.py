@@ -258,3 +258,26 @@ def test_a_second_labelling_run_on_one_file_is_refused(mini_collections, tmp_pat
     with FileLock(str(out) + ".lock"):
         with pytest.raises(LabelsBusy, match="another labelling run"):
             label_collection(mini_collections["aaf"], "aaf", out, workers=1, progress=False)
+
+
+def test_two_folders_of_one_layout_train_together_and_a_shared_photo_counts_once(tmp_path, lfw_dir):
+    """``celeba`` and ``celeba_lowres`` (the layout comes from each manifest): a photo already in the first is
+    left out of the second, so a person with one photo in both has one photo, not two (no identity class)."""
+    rng = np.random.default_rng(0)
+    teacher = lambda: rng.normal(0, 0.1, 128)  # noqa: E731
+    lfw = _labels_file(tmp_path / "lfw.jsonl", lfw_dir, "lfw", [
+        _record("Abdullah_Gul/Abdullah_Gul_0001.jpg", "Abdullah_Gul", teacher())])
+    first = _labels_file(tmp_path / "celeba.jsonl", tmp_path / "a", "celeba", [
+        _record("Celeb/1.jpg", "celeba_1", teacher()), _record("Celeb/2.jpg", "celeba_1", teacher()),
+        _record("Celeb/6.jpg", "celeba_7", teacher())])
+    second = _labels_file(tmp_path / "lowres.jsonl", tmp_path / "b", "celeba", [
+        _record("Celeb/2.jpg", "celeba_1", teacher()), _record("Celeb/3.jpg", "celeba_5", teacher()),
+        _record("Celeb/4.jpg", "celeba_5", teacher()), _record("Celeb/6.jpg", "celeba_7", teacher())])
+    result = build_training_set({"lfw": lfw, "celeba": first, "celeba_lowres": second})
+    assert result.counts["celeba_lowres"]["already_in_an_earlier_collection"] == 2
+    assert result.counts["celeba_lowres"]["train_photos"] == 2 and result.counts["celeba"]["train_photos"] == 3
+    assert {"celeba_1", "celeba_5"} <= set(result.class_names) and "celeba_7" not in result.class_names
+    paths = [p.path for p in result.train]
+    assert str(tmp_path / "b" / "Celeb" / "3.jpg") in paths and str(tmp_path / "b" / "Celeb" / "2.jpg") not in paths
+    with pytest.raises(ValueError, match="lfw layout"):
+        build_training_set({"lfw": first})

@@ -442,3 +442,66 @@ def test_validation_reads_an_embedding_of_another_size_in_the_teachers_space(one
     photo = SimpleNamespace(faces=[SimpleNamespace(teacher=teacher, box=(8.0, 8.0, 40.0, 40.0))])
     metrics = validate(model, [photo], np.zeros(128), [], lambda _: np.zeros((64, 64, 3), np.uint8), 64)
     assert metrics["holdout_faces"] == 1 and -1.0 <= metrics["holdout_cos"] <= 1.0
+
+
+def test_identity_stages_of_its_own_leave_every_detection_weight_alone(one_torch_thread):
+    torch.manual_seed(0)
+    own = JointNetV2(tiny_record(detection_neck="own")).eval()
+    twin = JointNetV2(tiny_record(detection_neck="own", identity_stages=2)).eval()
+    twin.load_state_dict(own.state_dict(), strict=False)
+    twin.split_identity_stages()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():  # split from a network without them, the maps are that network's
+        for a, b in zip(own.forward_maps(images), twin.forward_maps(images)):
+            assert torch.allclose(a, b, atol=1e-6)
+        for a, b in zip(twin.forward_maps(images)[3:], twin.identity_maps(images)):
+            assert torch.allclose(a, b, atol=1e-6)
+    # identity's loss reaches its own stages and never a weight detection reads
+    twin.train()
+    twin.frozen_stages = 2
+    embeddings = twin.embed(twin.identity_maps(images), torch.tensor([[8.0, 8.0, 40.0, 40.0], [4.0, 10.0, 30.0, 50.0]]),
+                            torch.tensor([0, 1]), normalise=False)
+    embeddings.square().sum().backward()
+    grads = {name.split(".")[0] for name, p in twin.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads == {"identity_backbone", "lateral", "smooth", "identity_map", "identity"}
+    # one stage of its own: identity's C4 is the backbone's, its C5 its own
+    single = JointNetV2(tiny_record(detection_neck="own", identity_stages=1)).eval()
+    assert list(single.identity_backbone) == ["layer4"]
+    with torch.no_grad():
+        for a, b in zip(single.forward_maps(images)[3:], single.identity_maps(images)):
+            assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="detection neck of its own"):
+        tiny_record(identity_stages=2)
+    with pytest.raises(ValueError, match="identity_stages"):
+        tiny_record(detection_neck="own", identity_stages=3)
+    with pytest.raises(ValueError, match="no stages of its own"):
+        own.split_identity_stages()
+
+
+def test_init_state_renames_tensors_and_takes_margin_rows_by_class_name(tmp_path, one_torch_thread):
+    from jointface.net.model import MarginClassifier
+    from jointface.train.v2 import load_parts, margin_rows
+    from jointface.weights_file import half_precision, write_weights
+
+    torch.manual_seed(0)
+    source = JointNetV2(tiny_record(detection_neck="own", class_names=["a", "b", "c"]))
+    weights = tmp_path / "source.pt"
+    margin = torch.randn(3, source.record.embedding_dim)
+    write_weights(weights, record=source.record.to_dict(), state_dict=half_precision(source.state_dict()),
+                  identity_heads={"margin.weight": margin.half()}, training={}, format_version=None)
+    target = JointNetV2(tiny_record(detection_neck="own", identity_stages=2, class_names=["c", "new", "a"]))
+    head = MarginClassifier(target.record.embedding_dim, 3, "cosface", 30.0, 0.35)
+    untouched = head.weight[1].detach().clone()
+    said = load_parts(target, head, [[str(weights), ["backbone.layer3.", "backbone.layer4.", "margin."],
+                                      {"backbone.": "identity_backbone."}]])
+    assert "2 of 3 classes" in said[0]
+    state, mine = torch.load(weights, weights_only=True)["state_dict"], target.state_dict()
+    name = "backbone.layer4.0.conv1.weight"
+    assert torch.equal(mine["identity_backbone." + name[len("backbone."):]], state[name].float())
+    assert not torch.equal(mine[name], state[name].float())  # the backbone itself was not asked for
+    assert torch.equal(head.weight[0], margin[2].half().float()) and torch.equal(head.weight[2], margin[0].half().float())
+    assert torch.equal(head.weight[1], untouched)
+    other = torch.zeros(3, 4)
+    assert margin_rows(["x"], ["x"], torch.ones(1, 5), other) == 0  # another embedding size: nothing
+    with pytest.raises(ValueError, match="init_state part"):
+        load_parts(target, head, [[str(weights)]])

@@ -75,12 +75,12 @@ class TrainingSet:
         return np.mean(np.stack(teachers), axis=0).astype(np.float32)
 
 
-def _root_of(labels_path: Path) -> Path:
+def _manifest_of(labels_path: Path) -> dict:
     manifest = manifest_path(labels_path)
     if not manifest.exists():
         raise FileNotFoundError(f"{labels_path}: no manifest beside it ({manifest.name}); label the collection "
                                 f"with `jointface preprocess --all-faces` first")
-    return Path(json.loads(manifest.read_text())["root"])
+    return json.loads(manifest.read_text())
 
 
 MAX_SIDE = 400
@@ -164,20 +164,22 @@ def leaking(descriptors: np.ndarray, evaluation: np.ndarray, people: np.ndarray 
     return out
 
 
-def _celeba_classes(roots: dict[str, Path]) -> set[str]:
-    """CelebA people with at least two photos in the collection (all of them, labelled or not)."""
-    if "celeba" not in roots:
-        return set()
+def _celeba_classes(roots: dict[str, Path], layouts: dict[str, str]) -> set[str]:
+    """CelebA people with at least two distinct photos in the CelebA collections (all of them, labelled or not;
+    a photo in two of them, by file name, counts once)."""
     from .collections import CollectionError, read_layout
 
-    try:
-        sources = read_layout(roots["celeba"], "celeba")
-    except CollectionError:  # the folder moved since labelling: the labelled photos decide alone
-        return set()
-    counts: dict[str, int] = {}
-    for source in sources:
-        counts[source.identity] = counts.get(source.identity, 0) + 1
-    return {name for name, count in counts.items() if count >= 2}
+    photos: dict[str, set[str]] = {}
+    for key, root in roots.items():
+        if layouts[key] != "celeba":
+            continue
+        try:
+            sources = read_layout(root, "celeba")
+        except CollectionError:  # the folder moved since labelling: the labelled photos decide alone
+            continue
+        for source in sources:
+            photos.setdefault(source.identity, set()).add(Path(source.path).name)
+    return {name for name, names in photos.items() if len(names) >= 2}
 
 
 def build_training_set(labels: dict[str, str | os.PathLike], *, leak_rule: LeakRule = LeakRule(),
@@ -185,7 +187,11 @@ def build_training_set(labels: dict[str, str | os.PathLike], *, leak_rule: LeakR
                        class_names: list[str] | None = None) -> TrainingSet:
     """The training photos of labelled collections (see the module docstring).
 
-    ``labels``: collection layout -> ``faces.jsonl`` path; ``lfw`` is required
+    ``labels``: collection name -> ``faces.jsonl`` path; the collection's layout
+    is its manifest's (the name when the manifest says none), so two folders of
+    one layout can be used together (``celeba`` and ``celeba_lowres``: a photo
+    whose path is already in an earlier collection of the same layout is left
+    out, so a person's photo is not counted twice). ``lfw`` is required
     (its non-P1 people are what the leak guard protects), and must be complete
     before any other collection is used. ``limits``: at most this many photos
     (first, in file order) of a collection. ``class_names``: the identity
@@ -197,10 +203,20 @@ def build_training_set(labels: dict[str, str | os.PathLike], *, leak_rule: LeakR
     limits = limits or {}
     records: dict[str, list[dict]] = {}
     roots: dict[str, Path] = {}
-    for layout, path in labels.items():
+    layouts: dict[str, str] = {}
+    seen: dict[str, set[str]] = {}
+    duplicates: dict[str, int] = {}
+    for key, path in labels.items():
         path = Path(path)
-        roots[layout] = _root_of(path)
-        records[layout] = read_face_labels(path)[:limits.get(layout)]
+        manifest = _manifest_of(path)
+        roots[key], layouts[key] = Path(manifest["root"]), manifest.get("layout") or key
+        if key == "lfw" and layouts[key] != "lfw":
+            raise ValueError(f"{path}: labels under 'lfw' must be of the lfw layout, not {layouts[key]!r}")
+        items = read_face_labels(path)[:limits.get(key)]
+        known = seen.setdefault(layouts[key], set())
+        records[key] = [r for r in items if r["path"] not in known]
+        duplicates[key] = len(items) - len(records[key])
+        known.update(r["path"] for r in items)
     if any(records[layout] for layout in records if layout != "lfw"):
         lfw_manifest = manifest_path(Path(labels["lfw"]))
         complete = lfw_manifest.exists() and json.loads(lfw_manifest.read_text()).get("complete")
@@ -222,20 +238,21 @@ def build_training_set(labels: dict[str, str | os.PathLike], *, leak_rule: LeakR
                 continue
             usable.setdefault(layout, []).append(record)
     by_identity: dict[str, int] = {}
-    for layout in ("lfw", "celeba", "folder", "fei", "caltech", "gt"):
-        for record in usable.get(layout, []):
-            by_identity[record["identity"]] = by_identity.get(record["identity"], 0) + 1
+    for key in usable:
+        if layouts[key] in ("lfw", "celeba", "folder", "fei", "caltech", "gt"):
+            for record in usable[key]:
+                by_identity[record["identity"]] = by_identity.get(record["identity"], 0) + 1
     if class_names is None:
         class_names = sorted(name for name, count in by_identity.items() if count >= 2)
         # LFW P1 people and CelebA people come from the collections themselves, not from what is labelled
         # so far: a run started while a collection is still being labelled has the classes it will end with
         class_names = sorted(set(class_names) | {path.split("/")[0] for path, part in split.items()
-                                                 if part in ("train", "extra")} | _celeba_classes(roots))
+                                                 if part in ("train", "extra")} | _celeba_classes(roots, layouts))
     identity_index = {name: i for i, name in enumerate(class_names)}
 
     train, holdout = [], []
-    for layout, items in records.items():
-        root = roots[layout]
+    for key, items in records.items():
+        root, layout = roots[key], layouts[key]
         kept = dropped_leak = unusable = held = 0
         aaf_people = sorted({r["identity"] for r in items if r.get("identity")}) if layout == "aaf" else []
         held_people = set(aaf_people[::holdout_every]) if layout == "aaf" else set()
@@ -257,6 +274,7 @@ def build_training_set(labels: dict[str, str | os.PathLike], *, leak_rule: LeakR
                     safe.append(record)
                 position += count
             candidates = safe
+        train_faces = 0
         for record in candidates:
             photo = _photo(record, root, identity_index)
             if record.get("identity") in held_people:
@@ -265,9 +283,12 @@ def build_training_set(labels: dict[str, str | os.PathLike], *, leak_rule: LeakR
             else:
                 train.append(photo)
                 kept += 1
-        counts[layout] = {"photos_labelled": len(items), "without_face_or_unreadable": unusable,
-                          "dropped_by_leak_guard": dropped_leak, "held_out": held, "train_photos": kept,
-                          "train_faces": sum(len(p.faces) for p in train if p.collection == layout),
-                          "people": len({r.get("identity") for r in candidates if r.get("identity")})}
+                train_faces += len(photo.faces)
+        counts[key] = {"photos_labelled": len(items) + duplicates[key], "without_face_or_unreadable": unusable,
+                       "dropped_by_leak_guard": dropped_leak, "held_out": held, "train_photos": kept,
+                       "train_faces": train_faces,
+                       "people": len({r.get("identity") for r in candidates if r.get("identity")})}
+        if duplicates[key]:
+            counts[key]["already_in_an_earlier_collection"] = duplicates[key]
     counts["classes"] = len(class_names)
     return TrainingSet(train, holdout, class_names, counts)

@@ -7,6 +7,8 @@ Architecture::
       -> per level a YOLO head: 3x3 conv + ReLU -> 1x1 conv: per anchor 4 box numbers + 1 face logit
          (``detection_neck="own"``: the heads read a second FPN on the same C3-C5, so detection's
          gradients never reach the features identity reads)
+         (``identity_stages``: identity's FPN reads its own copies of stages 3-4, from C3 on, so a run
+         that teaches identity can leave every weight detection uses as it was)
       -> identity map: 3x3 conv + BN + ReLU on P3 and P4 (shared weights)
       -> RoIAlign of each face box (enlarged by ``roi_margin``) from P3 (small faces) or P4
          (faces of ``roi_split`` px and more) into ``roi_size x roi_size``
@@ -71,6 +73,10 @@ class ModelRecordV2:
     #: ``shared``: detection heads and the identity map read one FPN; ``own``: detection has an FPN of its
     #: own on the same backbone maps, so detection training leaves identity's features alone (issue 15)
     detection_neck: str = "shared"
+    #: how many of the backbone's last stages the identity branch has of its own (0, 1 or 2): with 2, stage 3
+    #: and 4 run twice on the stride-8 map, once for detection and once (own weights) for identity, so
+    #: identity can learn with detection's every weight fixed (issue 15, sixth session)
+    identity_stages: int = 0
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     class_names: list[str] = field(default_factory=list)
@@ -93,6 +99,10 @@ class ModelRecordV2:
     def __post_init__(self) -> None:
         if self.detection_neck not in DETECTION_NECKS:
             raise ValueError(f"detection_neck must be one of {DETECTION_NECKS}: {self.detection_neck!r}")
+        if self.identity_stages not in (0, 1, 2):
+            raise ValueError(f"identity_stages must be 0, 1 or 2: {self.identity_stages!r}")
+        if self.identity_stages and self.detection_neck != "own":
+            raise ValueError("identity stages of its own need a detection neck of its own (detection_neck 'own')")
 
     @property
     def stride(self) -> int:
@@ -170,9 +180,12 @@ class JointNetV2(nn.Module):
         channels = record.fpn_channels
         self.lateral, self.smooth = self._fpn(in_channels, channels)
         #: with ``detection_neck == "own"`` the detection heads read these, and ``lateral``/``smooth`` feed
-        #: identity alone (which reads P3 and P4, so ``smooth[2]`` is then unused: kept for the weights' layout)
+        #: identity alone (which reads P3 and P4, so ``smooth[2]`` is then unused: kept for the weights' layout,
+        #: except with identity stages of its own, whose networks have none; see :meth:`load_state_dict`)
         self.detection_lateral, self.detection_smooth = (self._fpn(in_channels, channels)
                                                          if record.detection_neck == "own" else (None, None))
+        if record.identity_stages:
+            del self.smooth[2]
         anchors_per_level = [len(sizes) for sizes in record.anchor_sizes]
         self.heads = nn.ModuleList(nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True),
                                                  nn.Conv2d(channels, count * 5, 1))
@@ -186,6 +199,13 @@ class JointNetV2(nn.Module):
         self.identity_map = nn.Sequential(nn.Conv2d(channels, record.identity_channels, 3, padding=1, bias=False),
                                           nn.BatchNorm2d(record.identity_channels), nn.ReLU(inplace=True))
         self.identity = IdentityHead(record.identity_channels, record.roi_size, record.embedding_dim)
+        #: the identity branch's own copies of the backbone's last ``identity_stages`` stages (``layer3``,
+        #: ``layer4``); they start as copies of the backbone's (:meth:`split_identity_stages`)
+        self.identity_backbone = nn.ModuleDict()
+        if record.identity_stages:
+            spare = build_resnet(record.backbone, num_classes=0)
+            for stage in (3, 4)[2 - record.identity_stages:]:
+                self.identity_backbone[f"layer{stage}"] = getattr(spare, f"layer{stage}")
         #: training option: no gradient through the stem and the first N residual stages (0-3); their
         #: backward is most of a step's cost on a CPU. Set by the training run, never stored
         self.frozen_stages = 0
@@ -220,6 +240,20 @@ class JointNetV2(nn.Module):
         self.detection_lateral.load_state_dict(self.lateral.state_dict())
         self.detection_smooth.load_state_dict(self.smooth.state_dict())
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; a ``smooth.2`` this network has not (identity stages of its own: it
+        would be unused) is left out."""
+        if len(self.smooth) == 2:
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("smooth.2.")}
+        return super().load_state_dict(state_dict, strict, assign)
+
+    def split_identity_stages(self) -> None:
+        """Start the identity branch's own stages as copies of the backbone's."""
+        if not self.record.identity_stages:
+            raise ValueError("this network's identity branch has no stages of its own (identity_stages is 0)")
+        for name, stage in self.identity_backbone.items():
+            stage.load_state_dict(getattr(self.backbone, name).state_dict())
+
     # ------------------------------------------------------------------ the dense part (one pass per photo)
     def anchor_grids(self) -> list[AnchorGrid]:
         return [AnchorGrid(torch.tensor(sizes, dtype=torch.float32), stride)
@@ -229,23 +263,54 @@ class JointNetV2(nn.Module):
         """``(B, 3, H, W)`` -> 3 detection maps ``(B, A*5, G_h, G_w)`` (s8, s16, s32) and 2 identity maps
         ``(B, C, H/8, W/8)``, ``(B, C, H/16, W/16)``. Everything dense, and nothing else: the part exported
         to ONNX Runtime."""
+        c3, c4, c5 = self._backbone_maps(images)
+        ic4, ic5 = self._identity_stages(c3, c4)
+        if ic5 is None:
+            ic4, ic5 = c4, c5
+        if self.detection_lateral is None:
+            p3, p4, p5 = self._top_down(self.lateral, self.smooth, c3, c4, c5)
+            detection_levels = (p3, p4, p5)
+        else:  # identity needs P3 and P4 of its FPN only; detection reads its own three levels
+            p3, p4 = self._top_down(self.lateral, self.smooth, c3, ic4, ic5, levels=2)
+            detection_levels = self._top_down(self.detection_lateral, self.detection_smooth, c3, c4, c5)
+        detection = [head(p) for head, p in zip(self.heads, detection_levels)]
+        return (*detection, self.identity_map(p3), self.identity_map(p4))
+
+    def identity_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two identity maps of :meth:`forward_maps` alone (a training step that teaches identity only
+        skips the detection FPN and heads, and with identity stages of its own, detection's stages 3-4)."""
+        if self.record.identity_stages == 2:
+            c3 = self._backbone_maps(images, stages=2)[0]
+            ic4, ic5 = self._identity_stages(c3, None)
+        else:
+            c3, ic4, ic5 = self._backbone_maps(images, stages=4 - self.record.identity_stages)
+            if self.record.identity_stages:
+                ic4, ic5 = self._identity_stages(c3, ic4)
+        p3, p4 = self._top_down(self.lateral, self.smooth, c3, ic4, ic5, levels=2)
+        return self.identity_map(p3), self.identity_map(p4)
+
+    def _backbone_maps(self, images: torch.Tensor, stages: int = 4) -> tuple[torch.Tensor | None, ...]:
+        """C3, C4, C5 of the shared backbone (``None`` past ``stages``)."""
         b = self.backbone
         grad = torch.is_grad_enabled()
         with torch.set_grad_enabled(grad and self.frozen_stages < 1):
             x = b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(images)))))
         with torch.set_grad_enabled(grad and self.frozen_stages < 2):
             c3 = b.layer2(x)
+        if stages < 3:
+            return c3, None, None
         with torch.set_grad_enabled(grad and self.frozen_stages < 3):
             c4 = b.layer3(c3)
-        c5 = b.layer4(c4)
-        if self.detection_lateral is None:
-            p3, p4, p5 = self._top_down(self.lateral, self.smooth, c3, c4, c5)
-            detection_levels = (p3, p4, p5)
-        else:  # identity needs P3 and P4 of its FPN only; detection reads its own three levels
-            p3, p4 = self._top_down(self.lateral, self.smooth, c3, c4, c5, levels=2)
-            detection_levels = self._top_down(self.detection_lateral, self.detection_smooth, c3, c4, c5)
-        detection = [head(p) for head, p in zip(self.heads, detection_levels)]
-        return (*detection, self.identity_map(p3), self.identity_map(p4))
+        return c3, c4, (b.layer4(c4) if stages > 3 else None)
+
+    def _identity_stages(self, c3: torch.Tensor, c4: torch.Tensor | None
+                         ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Identity's own C4 and C5 (``(None, None)`` without stages of its own; with one, C4 is the shared)."""
+        own = self.identity_backbone
+        if not len(own):
+            return None, None
+        ic4 = own["layer3"](c3) if "layer3" in own else c4
+        return ic4, own["layer4"](ic4)
 
     def detections_from_maps(self, maps: Sequence[torch.Tensor]) -> DetectionsV2:
         """Flatten the detection maps: anchor ``a`` of cell ``(row, col)`` of level ``l`` follows the

@@ -180,8 +180,7 @@ class CropSource:
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         rois = jitter_boxes(torch.from_numpy(boxes), config.box_jitter, generator)
         images = normalise(torch.from_numpy(canvases), run.model.record)
-        maps = run.model.forward_maps(images)
-        embeddings = run.model.embed(maps[3:], rois, torch.arange(len(rois)))
+        embeddings = run.model.embed(run.model.identity_maps(images), rois, torch.arange(len(rois)))
         teachers = torch.from_numpy(self.bank.teachers[chosen])
         losses = identity_losses(embeddings, teachers, torch.ones(len(chosen), dtype=torch.bool),
                                  torch.from_numpy(self.bank.identities[chosen]), run.model.teacher_mean,

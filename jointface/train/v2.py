@@ -52,7 +52,10 @@ class TrainConfigV2:
     out_dir: str = ""
     init_weights: str | None = None       # a JointFace weights file whose backbone starts this network
     #: then, in order, ``[path, [prefixes]]``: tensors of a v2 weights file (or checkpoint) whose names start with
-    #: one of the prefixes (``margin.`` for the margin head's class weights) replace the network's, when shapes match
+    #: one of the prefixes (``margin.`` for the margin head's class weights) replace the network's, when shapes match;
+    #: ``[path, [prefixes], {"old.": "new."}]`` takes a tensor under a new name (``{"backbone.": "identity_backbone."}``
+    #: starts identity's own stages from another network's backbone). The margin head's rows are taken by class
+    #: name when the class lists differ
     init_state: list = field(default_factory=list)
     anchors_from: str | None = None       # a v2 weights file whose anchors this network takes (no k-means)
     #: only the parameters whose names start with one of these prefixes learn (``margin.``: the margin head);
@@ -72,6 +75,10 @@ class TrainConfigV2:
     #: own detection FPN starts as a copy of the shared FPN after ``init_state`` (a shared-neck network's weights)
     detection_neck: str = "shared"
     split_detection_neck: bool = False
+    #: identity's own copies of the backbone's last stages (0, 1 or 2; needs detection_neck ``own``); with
+    #: ``split_identity_stages`` they start as copies of the backbone's after ``init_state``
+    identity_stages: int = 0
+    split_identity_stages: bool = False
     batch_size: int = 24
     max_steps: int = 4000
     lr: float = 1e-3
@@ -186,21 +193,48 @@ def v2_network(path: str | Path) -> JointNetV2:
 def load_parts(model: nn.Module, margin_head: nn.Module | None, parts: list) -> list[str]:
     """Apply ``init_state`` (see :class:`TrainConfigV2`); returns a line per part saying what was taken."""
     said = []
-    for path, prefixes in parts:
-        _, state, margin = v2_state(path)
+    for part in parts:
+        if len(part) not in (2, 3):
+            raise ValueError(f"an init_state part is [path, [prefixes]] or [path, [prefixes], {{renames}}]: {part!r}")
+        path, prefixes, renames = part[0], part[1], (part[2] if len(part) == 3 else {})
+        record, state, margin = v2_state(path)
         own = model.state_dict()
-        taken = {k: v for k, v in state.items() if k.startswith(tuple(prefixes)) and k in own
-                 and own[k].shape == v.shape}
+        taken = {}
+        for name, value in state.items():
+            if not name.startswith(tuple(prefixes)):
+                continue
+            for old, new in renames.items():
+                if name.startswith(old):
+                    name = new + name[len(old):]
+                    break
+            if name in own and own[name].shape == value.shape:
+                taken[name] = value
         model.load_state_dict(taken, strict=False)
-        line = f"{path}: {len(taken)} network tensors ({', '.join(prefixes)})"
+        line = f"{path}: {len(taken)} network tensors ({', '.join(prefixes)}"
+        line += f"; renamed {renames})" if renames else ")"
         weight = margin.get("margin.weight")
-        if margin_head is not None and "margin." in prefixes and weight is not None \
-                and weight.shape == margin_head.weight.shape:
-            with torch.no_grad():
-                margin_head.weight.copy_(weight)
-            line += " and the margin head"
+        if margin_head is not None and "margin." in prefixes and weight is not None:
+            rows = margin_rows(record.get("class_names", []), model.record.class_names, weight, margin_head.weight)
+            if rows:
+                line += f" and the margin head ({rows} of {len(margin_head.weight)} classes)"
         said.append(line)
     return said
+
+
+def margin_rows(source_names: list[str], names: list[str], source: torch.Tensor, target: torch.Tensor) -> int:
+    """Copy the margin head's class rows of ``source`` into ``target`` by class name (all of them when the
+    shapes match and no names are known); returns how many rows were copied."""
+    with torch.no_grad():
+        if source.shape == target.shape and (not source_names or list(source_names) == list(names)):
+            target.copy_(source)
+            return len(target)
+        if source.shape[1:] != target.shape[1:] or len(source_names) != len(source):
+            return 0
+        index = {name: row for row, name in enumerate(source_names)}
+        pairs = [(row, index[name]) for row, name in enumerate(names) if name in index]
+        for row, source_row in pairs:
+            target[row] = source[source_row]
+        return len(pairs)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -382,7 +416,8 @@ class Run:
                                    anchor_sizes=self._anchors(), fpn_channels=config.fpn_channels,
                                    identity_channels=config.identity_channels, embedding_dim=config.embedding_dim,
                                    roi_size=config.roi_size, roi_margin=config.roi_margin,
-                                   detection_neck=config.detection_neck, class_names=self.data.class_names, training_command=" ".join(sys.argv),
+                                   detection_neck=config.detection_neck,
+                                   identity_stages=config.identity_stages, class_names=self.data.class_names, training_command=" ".join(sys.argv),
                                    training_data=json.dumps(sorted(config.labels)))
         self.model = JointNetV2(record).to(memory_format=torch.channels_last)
         self.model.teacher_mean.copy_(torch.from_numpy(self.teacher_mean))
@@ -397,6 +432,9 @@ class Run:
         if resume is None and config.split_detection_neck:
             self.model.split_detection_neck()
             print("init: the detection FPN is a copy of the shared FPN", flush=True)
+        if resume is None and config.split_identity_stages:
+            self.model.split_identity_stages()
+            print("init: identity's own stages are copies of the backbone's", flush=True)
         if config.frozen_stages:
             if not (config.init_weights or config.init_state):
                 raise ValueError("frozen_stages needs init_weights or init_state: a backbone trained from scratch "
@@ -423,7 +461,7 @@ class Run:
         factor = config.backbone_lr_factor if (config.init_weights or config.init_state) else 1.0
         self.optimizer = torch.optim.AdamW([{"params": backbone, "lr": config.lr * factor},
                                             {"params": rest, "lr": config.lr}], weight_decay=config.weight_decay)
-        warmup, total = config.warmup_steps, config.max_steps
+        warmup, total = config.warmup_steps, max(1, config.max_steps)  # max_steps 0: build, validate, export
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup)
                                                            * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
         if resume is not None:
