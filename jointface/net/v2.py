@@ -74,7 +74,7 @@ class ModelRecordV2:
     #: own on the same backbone maps, so detection training leaves identity's features alone (issue 15)
     detection_neck: str = "shared"
     #: how many of the backbone's last stages the identity branch has of its own (0, 1 or 2): with 2, stage 3
-    #: and 4 run twice on the stride-8 map, once for detection and once (own weights) for identity, so
+    #: and 4 run twice from the stride-8 map, once for detection and once (own weights) for identity, so
     #: identity can learn with detection's every weight fixed (issue 15, sixth session)
     identity_stages: int = 0
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
