@@ -217,7 +217,7 @@ def build_training_set(labels: dict[str, str | os.PathLike], *, leak_rule: LeakR
         records[key] = [r for r in items if r["path"] not in known]
         duplicates[key] = len(items) - len(records[key])
         known.update(r["path"] for r in items)
-    if any(records[layout] for layout in records if layout != "lfw"):
+    if any(records[key] for key in records if key != "lfw"):
         lfw_manifest = manifest_path(Path(labels["lfw"]))
         complete = lfw_manifest.exists() and json.loads(lfw_manifest.read_text()).get("complete")
         if not complete:
@@ -230,13 +230,13 @@ def build_training_set(labels: dict[str, str | os.PathLike], *, leak_rule: LeakR
 
     # identities with >= 2 usable photos: LFW P1 (train + extra) and CelebA
     usable: dict[str, list[dict]] = {}
-    for layout, items in records.items():
+    for key, items in records.items():
         for record in items:
             if record["status"] != "ok" or not record.get("identity"):
                 continue
-            if layout == "lfw" and split.get(record["path"]) not in ("train", "extra"):
+            if key == "lfw" and split.get(record["path"]) not in ("train", "extra"):
                 continue
-            usable.setdefault(layout, []).append(record)
+            usable.setdefault(key, []).append(record)
     by_identity: dict[str, int] = {}
     for key in usable:
         if layouts[key] in ("lfw", "celeba", "folder", "fei", "caltech", "gt"):

@@ -181,7 +181,7 @@ class JointNetV2(nn.Module):
         self.lateral, self.smooth = self._fpn(in_channels, channels)
         #: with ``detection_neck == "own"`` the detection heads read these, and ``lateral``/``smooth`` feed
         #: identity alone (which reads P3 and P4, so ``smooth[2]`` is then unused: kept for the weights' layout,
-        #: except with identity stages of its own, whose networks have none; see :meth:`load_state_dict`)
+        #: except with identity stages of its own, whose networks have none)
         self.detection_lateral, self.detection_smooth = (self._fpn(in_channels, channels)
                                                          if record.detection_neck == "own" else (None, None))
         if record.identity_stages:
@@ -240,13 +240,6 @@ class JointNetV2(nn.Module):
         self.detection_lateral.load_state_dict(self.lateral.state_dict())
         self.detection_smooth.load_state_dict(self.smooth.state_dict())
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """``nn.Module.load_state_dict``; a ``smooth.2`` this network has not (identity stages of its own: it
-        would be unused) is left out."""
-        if len(self.smooth) == 2:
-            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("smooth.2.")}
-        return super().load_state_dict(state_dict, strict, assign)
-
     def split_identity_stages(self) -> None:
         """Start the identity branch's own stages as copies of the backbone's."""
         if not self.record.identity_stages:
@@ -264,29 +257,19 @@ class JointNetV2(nn.Module):
         ``(B, C, H/8, W/8)``, ``(B, C, H/16, W/16)``. Everything dense, and nothing else: the part exported
         to ONNX Runtime."""
         c3, c4, c5 = self._backbone_maps(images)
-        ic4, ic5 = self._identity_stages(c3, c4)
-        if ic5 is None:
-            ic4, ic5 = c4, c5
         if self.detection_lateral is None:
             p3, p4, p5 = self._top_down(self.lateral, self.smooth, c3, c4, c5)
             detection_levels = (p3, p4, p5)
         else:  # identity needs P3 and P4 of its FPN only; detection reads its own three levels
-            p3, p4 = self._top_down(self.lateral, self.smooth, c3, ic4, ic5, levels=2)
+            p3, p4 = self._identity_levels(c3, c4, c5)
             detection_levels = self._top_down(self.detection_lateral, self.detection_smooth, c3, c4, c5)
         detection = [head(p) for head, p in zip(self.heads, detection_levels)]
         return (*detection, self.identity_map(p3), self.identity_map(p4))
 
     def identity_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The two identity maps of :meth:`forward_maps` alone (a training step that teaches identity only
-        skips the detection FPN and heads, and with identity stages of its own, detection's stages 3-4)."""
-        if self.record.identity_stages == 2:
-            c3 = self._backbone_maps(images, stages=2)[0]
-            ic4, ic5 = self._identity_stages(c3, None)
-        else:
-            c3, ic4, ic5 = self._backbone_maps(images, stages=4 - self.record.identity_stages)
-            if self.record.identity_stages:
-                ic4, ic5 = self._identity_stages(c3, ic4)
-        p3, p4 = self._top_down(self.lateral, self.smooth, c3, ic4, ic5, levels=2)
+        skips the detection FPN and heads, and the shared stages identity has copies of)."""
+        p3, p4 = self._identity_levels(*self._backbone_maps(images, stages=4 - self.record.identity_stages))
         return self.identity_map(p3), self.identity_map(p4)
 
     def _backbone_maps(self, images: torch.Tensor, stages: int = 4) -> tuple[torch.Tensor | None, ...]:
@@ -303,14 +286,15 @@ class JointNetV2(nn.Module):
             c4 = b.layer3(c3)
         return c3, c4, (b.layer4(c4) if stages > 3 else None)
 
-    def _identity_stages(self, c3: torch.Tensor, c4: torch.Tensor | None
-                         ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Identity's own C4 and C5 (``(None, None)`` without stages of its own; with one, C4 is the shared)."""
+    def _identity_levels(self, c3: torch.Tensor, c4: torch.Tensor | None, c5: torch.Tensor | None
+                         ) -> list[torch.Tensor]:
+        """P3 and P4 of identity's FPN: on the shared C3-C5, or on C4/C5 of identity's own stages."""
         own = self.identity_backbone
-        if not len(own):
-            return None, None
-        ic4 = own["layer3"](c3) if "layer3" in own else c4
-        return ic4, own["layer4"](ic4)
+        if "layer3" in own:
+            c4 = own["layer3"](c3)
+        if "layer4" in own:
+            c5 = own["layer4"](c4)
+        return self._top_down(self.lateral, self.smooth, c3, c4, c5, levels=2)
 
     def detections_from_maps(self, maps: Sequence[torch.Tensor]) -> DetectionsV2:
         """Flatten the detection maps: anchor ``a`` of cell ``(row, col)`` of level ``l`` follows the

@@ -416,8 +416,8 @@ class Run:
                                    anchor_sizes=self._anchors(), fpn_channels=config.fpn_channels,
                                    identity_channels=config.identity_channels, embedding_dim=config.embedding_dim,
                                    roi_size=config.roi_size, roi_margin=config.roi_margin,
-                                   detection_neck=config.detection_neck,
-                                   identity_stages=config.identity_stages, class_names=self.data.class_names, training_command=" ".join(sys.argv),
+                                   detection_neck=config.detection_neck, identity_stages=config.identity_stages,
+                                   class_names=self.data.class_names, training_command=" ".join(sys.argv),
                                    training_data=json.dumps(sorted(config.labels)))
         self.model = JointNetV2(record).to(memory_format=torch.channels_last)
         self.model.teacher_mean.copy_(torch.from_numpy(self.teacher_mean))
