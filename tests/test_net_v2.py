@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from jointface.net.anchors import AnchorGrid
-from jointface.net.v2 import (JointNetV2, ModelRecordV2, all_anchors, faces_from_maps, losses_v2,
+from jointface.net.v2 import (DetectionsV2, JointNetV2, ModelRecordV2, all_anchors, decode_v2, faces_from_maps,
+                              losses_v2,
                               match_multilevel, relational_loss, roi_align)
 
 TINY_ANCHORS = [[[12.0, 12.0], [20.0, 20.0]], [[32.0, 32.0], [48.0, 48.0]], [[64.0, 64.0], [96.0, 96.0]]]
@@ -101,6 +102,22 @@ def test_inference_gives_unit_embeddings_per_kept_face():
     for found in faces:
         assert len(found.boxes) == len(found.scores) == len(found.embeddings) <= 5
         assert torch.allclose(found.embeddings.norm(dim=1), torch.ones(len(found.embeddings)), atol=1e-5)
+
+
+def test_large_faces_are_kept_from_their_own_threshold():
+    model = JointNetV2(tiny_record())
+    grids = [(8, 8), (4, 4), (2, 2)]  # a 64 px input
+    count = sum(h * w * 2 for h, w in grids)
+    logits = torch.full((1, count), -20.0)
+    logits[0, 0] = 0.0  # score 0.5: the first anchor of the finest level, a 12 px face at (4, 4)
+    logits[0, count - 1] = 0.0  # score 0.5: the last anchor of the coarsest level, a 96 px face at (48, 48)
+    detections = DetectionsV2(torch.zeros(1, count, 4), logits, grids)
+    sides = lambda found: sorted(round(float(b[2] - b[0])) for b in found[0][0])  # noqa: E731
+    assert sides(decode_v2(model, detections, conf_threshold=0.4)) == [12, 96]
+    assert sides(decode_v2(model, detections, conf_threshold=0.7)) == []
+    assert sides(decode_v2(model, detections, conf_threshold=0.7, large_threshold=0.3, large_side=50.0)) == [96]
+    assert sides(decode_v2(model, detections, conf_threshold=0.7, large_threshold=0.3, large_side=100.0)) == []
+    assert sides(decode_v2(model, detections, conf_threshold=0.4, large_threshold=0.6, large_side=50.0)) == [12]
 
 
 # ----------------------------------------------------------------------------- a training run and the engine
@@ -470,6 +487,27 @@ def test_identity_stages_of_its_own_leave_every_detection_weight_alone(one_torch
     with torch.no_grad():
         for a, b in zip(single.forward_maps(images)[3:], single.identity_maps(images)):
             assert torch.allclose(a, b, atol=1e-6)
+    # stage 3 of its own alone: identity's C4 its own, its C5 the backbone's (identity reads every shared stage)
+    third = JointNetV2(tiny_record(detection_neck="own", identity_stages=[3])).eval()
+    third.load_state_dict(own.state_dict(), strict=False)
+    third.split_identity_stages()
+    assert list(third.identity_backbone) == ["layer3"]
+    with torch.no_grad():
+        for a, b in zip(own.forward_maps(images), third.forward_maps(images)):
+            assert torch.allclose(a, b, atol=1e-6)
+        for a, b in zip(third.forward_maps(images)[3:], third.identity_maps(images)):
+            assert torch.allclose(a, b, atol=1e-6)
+        third.identity_backbone["layer3"][0].conv1.weight.mul_(0.5)  # identity's C4 is now its own
+        changed = third.forward_maps(images)
+        for a, b in zip(own.forward_maps(images)[:3], changed[:3]):
+            assert torch.equal(a, b)
+        assert not torch.allclose(own.forward_maps(images)[3], changed[3])
+    # a count of an older record is the last N stages; the list form round-trips through the record
+    assert tiny_record(detection_neck="own", identity_stages=2).identity_stages == [3, 4]
+    assert ModelRecordV2.from_dict(third.record.to_dict()).identity_stages == [3]
+    for bad in ([5], [3, 3], True):
+        with pytest.raises(ValueError, match="identity_stages"):
+            tiny_record(detection_neck="own", identity_stages=bad)
     with pytest.raises(ValueError, match="detection neck of its own"):
         tiny_record(identity_stages=2)
     with pytest.raises(ValueError, match="identity_stages"):

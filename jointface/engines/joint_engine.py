@@ -62,11 +62,18 @@ class JointEngine(Engine):
     V2_MAX_INPUT_SIZE = 384
     #: v2 feeds a photo at this share of its longer side (see :meth:`network_input_size`)
     V2_INPUT_SCALE = 0.75
+    #: v2 keeps faces of ``V2_LARGE_FACE_SIDE`` network input pixels and more (the square root of the box's
+    #: area) from this confidence, the others from ``conf_threshold``: close-ups score lower than faces of the
+    #: sizes training showed most, and at these sizes a lower threshold added no false detection on P6a or
+    #: P6c (``benchmarks/detection_threshold/``: P6b recall at S = 384 px 0.635 -> 0.955, at 192 px
+    #: 0.910 -> 0.970, P1 photos without a face 14 -> 6 on the shipped weights)
+    V2_LARGE_FACE_THRESHOLD = 0.3
+    V2_LARGE_FACE_SIDE = 96.0
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str = "cpu", bf16: bool = False,
                  conf_threshold: float = 0.7, nms_iou: float = 0.4, input_size: int | None = None,
                  max_faces: int = 100, channels_last: bool = True, fuse: bool = True, runtime: str = "torch",
-                 flip: bool = False):
+                 flip: bool = False, large_face_threshold: float | None = None):
         import torch
 
         from jointface.net.model import JointNet, ModelRecord
@@ -133,6 +140,11 @@ class JointEngine(Engine):
             self.model = self.model.to(memory_format=torch.channels_last)
         self.bf16 = bool(bf16)
         self.conf_threshold = float(conf_threshold)
+        #: v2: faces of V2_LARGE_FACE_SIDE input pixels and more are kept from this confidence (None: the class
+        #: default; v1 networks keep every face from ``conf_threshold``)
+        self.large_face_threshold = (None if self.architecture != "v2" else
+                                     float(self.V2_LARGE_FACE_THRESHOLD if large_face_threshold is None
+                                           else large_face_threshold))
         self.nms_iou = float(nms_iou)
         # None: chosen per batch from the image size (see network_input_size).
         self.input_size = int(input_size) if input_size else None
@@ -308,7 +320,8 @@ class JointEngine(Engine):
         lap("network")
         with torch.inference_mode():
             if not self.flip:
-                found = faces_from_maps(self.model, maps, self.conf_threshold, self.nms_iou, self.max_faces)
+                found = faces_from_maps(self.model, maps, self.conf_threshold, self.nms_iou, self.max_faces,
+                                        **self._large_faces())
             else:
                 found = self._flip_v2(maps, count, batch.shape[-1])
         lap("decode_nms")
@@ -337,7 +350,7 @@ class JointEngine(Engine):
         from jointface.net.v2 import FacesV2, decode_v2
 
         found = decode_v2(self.model, self.model.detections_from_maps(maps[:3]), self.conf_threshold, self.nms_iou,
-                          self.max_faces)
+                          self.max_faces, **self._large_faces())
         merged = []
         for (boxes, scores), (m_boxes, m_scores) in zip(found[:count], found[count:]):
             empty = torch.zeros(len(boxes), 1), torch.zeros(len(m_boxes), 1)
@@ -359,6 +372,9 @@ class JointEngine(Engine):
             results.append(FacesV2(b, sc, both[start:start + len(b)]))
             start += len(b)
         return results
+
+    def _large_faces(self) -> dict:
+        return {"large_threshold": self.large_face_threshold, "large_side": self.V2_LARGE_FACE_SIDE}
 
     def _place(self, images: Sequence[np.ndarray]):
         """Checked images and their letterboxed canvases with placements, at the input size for the batch."""
@@ -382,7 +398,9 @@ class JointEngine(Engine):
                     f"auto ({self.V2_INPUT_SCALE:g} x photo, {self.record.input_size}-{self.V2_MAX_INPUT_SIZE})"),
                 "runtime": self.runtime, "flip_tta": self.flip, "bf16": self.bf16,
                 "channels_last": self.channels_last, "fused_batchnorm": self.fused,
-                "conf_threshold": self.conf_threshold, "nms_iou": self.nms_iou, "weights": str(self.weights_path),
+                "conf_threshold": self.conf_threshold, "large_face_threshold": self.large_face_threshold,
+                "large_face_side": self.V2_LARGE_FACE_SIDE if self.large_face_threshold is not None else None,
+                "nms_iou": self.nms_iou, "weights": str(self.weights_path),
                 **self.training}
 
 

@@ -73,10 +73,12 @@ class ModelRecordV2:
     #: ``shared``: detection heads and the identity map read one FPN; ``own``: detection has an FPN of its
     #: own on the same backbone maps, so detection training leaves identity's features alone (issue 15)
     detection_neck: str = "shared"
-    #: how many of the backbone's last stages the identity branch has of its own (0, 1 or 2): with 2, stage 3
-    #: and 4 run twice from the stride-8 map, once for detection and once (own weights) for identity, so
-    #: identity can learn with detection's every weight fixed (issue 15, sixth session)
-    identity_stages: int = 0
+    #: the backbone stages the identity branch has copies of its own: ``[3, 4]`` (stages 3 and 4 run twice from
+    #: the stride-8 map, once for detection and once, with identity's weights, for identity), ``[4]`` (identity's
+    #: C4 is the backbone's) or ``[3]`` (identity's C4 its own, its C5 the backbone's), so identity can learn
+    #: with detection's every weight fixed (issue 15). The counts 0, 1 and 2 of older records mean ``[]``,
+    #: ``[4]`` and ``[3, 4]`` (the last N stages)
+    identity_stages: list[int] | int = field(default_factory=list)
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     class_names: list[str] = field(default_factory=list)
@@ -99,14 +101,27 @@ class ModelRecordV2:
     def __post_init__(self) -> None:
         if self.detection_neck not in DETECTION_NECKS:
             raise ValueError(f"detection_neck must be one of {DETECTION_NECKS}: {self.detection_neck!r}")
-        if self.identity_stages not in (0, 1, 2):
-            raise ValueError(f"identity_stages must be 0, 1 or 2: {self.identity_stages!r}")
+        self.identity_stages = identity_stage_list(self.identity_stages)
         if self.identity_stages and self.detection_neck != "own":
             raise ValueError("identity stages of its own need a detection neck of its own (detection_neck 'own')")
 
     @property
     def stride(self) -> int:
         return max(self.level_strides)
+
+
+def identity_stage_list(stages: Sequence[int] | int) -> list[int]:
+    """``identity_stages`` as a sorted list of stage numbers (a count N of an older record: the last N stages)."""
+    if isinstance(stages, bool):
+        raise ValueError(f"identity_stages must be a list of stages (3, 4) or a count 0, 1 or 2: {stages!r}")
+    if isinstance(stages, int):
+        if stages not in (0, 1, 2):
+            raise ValueError(f"identity_stages must be a list of stages (3, 4) or a count 0, 1 or 2: {stages!r}")
+        return [3, 4][2 - stages:] if stages else []
+    chosen = sorted(set(int(stage) for stage in stages))
+    if len(chosen) != len(list(stages)) or not set(chosen) <= {3, 4}:
+        raise ValueError(f"identity_stages must name stages 3 and/or 4, each once: {list(stages)!r}")
+    return chosen
 
 
 class DetectionsV2(NamedTuple):
@@ -139,8 +154,21 @@ def roi_align(features: torch.Tensor, boxes: torch.Tensor, image_idx: torch.Tens
     gx = xs / (stride * width) * 2 - 1
     gy = ys / (stride * height) * 2 - 1
     grid = torch.stack((gx[:, None, :].expand(-1, points, -1), gy[:, :, None].expand(-1, -1, points)), dim=-1)
-    sampled = F.grid_sample(features.index_select(0, image_idx), grid, mode="bilinear", padding_mode="zeros",
-                            align_corners=False)  # (K, C, P, P)
+    # one grid per image holding its boxes' sample points one under the other (slots past an image's own
+    # boxes sample outside the map), so no box copies its image's whole map
+    batch = features.shape[0]
+    image_idx = image_idx.long()
+    counts = torch.bincount(image_idx, minlength=batch)
+    first = torch.cumsum(counts, 0) - counts  # where each image's boxes start in image order
+    order = torch.sort(image_idx, stable=True).indices
+    slot = torch.empty_like(image_idx)
+    slot[order] = torch.arange(len(image_idx), device=image_idx.device) - first[image_idx[order]]
+    slots = int(counts.max())
+    grids = grid.new_full((batch, slots, points, points, 2), -4.0)
+    grids[image_idx, slot] = grid
+    sampled = F.grid_sample(features, grids.view(batch, slots * points, points, 2), mode="bilinear",
+                            padding_mode="zeros", align_corners=False)  # (B, C, slots * P, P)
+    sampled = sampled.view(batch, -1, slots, points, points).transpose(1, 2)[image_idx, slot]  # (K, C, P, P)
     return F.avg_pool2d(sampled, sampling) if sampling > 1 else sampled
 
 
@@ -199,12 +227,12 @@ class JointNetV2(nn.Module):
         self.identity_map = nn.Sequential(nn.Conv2d(channels, record.identity_channels, 3, padding=1, bias=False),
                                           nn.BatchNorm2d(record.identity_channels), nn.ReLU(inplace=True))
         self.identity = IdentityHead(record.identity_channels, record.roi_size, record.embedding_dim)
-        #: the identity branch's own copies of the backbone's last ``identity_stages`` stages (``layer3``,
-        #: ``layer4``); they start as copies of the backbone's (:meth:`split_identity_stages`)
+        #: the identity branch's own copies of the backbone stages ``identity_stages`` (``layer3``, ``layer4``);
+        #: they start as copies of the backbone's (:meth:`split_identity_stages`)
         self.identity_backbone = nn.ModuleDict()
         if record.identity_stages:
             spare = build_resnet(record.backbone, num_classes=0)
-            for stage in (3, 4)[2 - record.identity_stages:]:
+            for stage in record.identity_stages:
                 self.identity_backbone[f"layer{stage}"] = getattr(spare, f"layer{stage}")
         #: training option: no gradient through the stem and the first N residual stages (0-3); their
         #: backward is most of a step's cost on a CPU. Set by the training run, never stored
@@ -252,6 +280,16 @@ class JointNetV2(nn.Module):
         return [AnchorGrid(torch.tensor(sizes, dtype=torch.float32), stride)
                 for sizes, stride in zip(self.record.anchor_sizes, self.record.level_strides)]
 
+    def all_anchors(self, grid_sizes: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`all_anchors` of this network's levels at these grid sizes (kept for the next photo batch)."""
+        key = tuple((int(h), int(w)) for h, w in grid_sizes)
+        cache = self.__dict__.setdefault("_anchor_cache", {})
+        if key not in cache:
+            if len(cache) > 16:  # photos of many sizes: keep the newest few
+                cache.pop(next(iter(cache)))
+            cache[key] = all_anchors(self.anchor_grids(), key)
+        return cache[key]
+
     def forward_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``(B, 3, H, W)`` -> 3 detection maps ``(B, A*5, G_h, G_w)`` (s8, s16, s32) and 2 identity maps
         ``(B, C, H/8, W/8)``, ``(B, C, H/16, W/16)``. Everything dense, and nothing else: the part exported
@@ -269,7 +307,8 @@ class JointNetV2(nn.Module):
     def identity_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The two identity maps of :meth:`forward_maps` alone (a training step that teaches identity only
         skips the detection FPN and heads, and the shared stages identity has copies of)."""
-        p3, p4 = self._identity_levels(*self._backbone_maps(images, stages=4 - self.record.identity_stages))
+        own = self.record.identity_stages  # the shared stages identity reads: up to the first it has its own
+        p3, p4 = self._identity_levels(*self._backbone_maps(images, stages=4 if 4 not in own else min(own) - 1))
         return self.identity_map(p3), self.identity_map(p4)
 
     def _backbone_maps(self, images: torch.Tensor, stages: int = 4) -> tuple[torch.Tensor | None, ...]:
@@ -288,7 +327,7 @@ class JointNetV2(nn.Module):
 
     def _identity_levels(self, c3: torch.Tensor, c4: torch.Tensor | None, c5: torch.Tensor | None
                          ) -> list[torch.Tensor]:
-        """P3 and P4 of identity's FPN: on the shared C3-C5, or on C4/C5 of identity's own stages."""
+        """P3 and P4 of identity's FPN: on the shared C3-C5, with C4 and/or C5 from identity's own stages."""
         own = self.identity_backbone
         if "layer3" in own:
             c4 = own["layer3"](c3)
@@ -483,29 +522,41 @@ class FacesV2(NamedTuple):
 
 
 def decode_v2(model: JointNetV2, detections: DetectionsV2, conf_threshold: float = 0.5, nms_iou: float = 0.4,
-              max_faces: int = 100, pre_nms_top_k: int = 300) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Boxes ``(K, 4)`` and scores ``(K,)`` per image after threshold and NMS (all levels together)."""
-    anchors, strides = all_anchors(model.anchor_grids(), detections.grid_sizes)
-    targets = BoxCoder.to_target_space(detections.box_raw.float())
-    xy = anchors[:, :2] + (targets[..., :2] - 0.5) * strides[:, None]
-    wh = anchors[:, 2:] * torch.exp(targets[..., 2:].clamp(max=BoxCoder.max_log_ratio))
-    boxes = cxcywh_to_xyxy(torch.cat((xy, wh), dim=-1))
+              max_faces: int = 100, pre_nms_top_k: int = 300, large_threshold: float | None = None,
+              large_side: float = 96.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Boxes ``(K, 4)`` and scores ``(K,)`` per image after threshold and NMS (all levels together).
+
+    A face is kept from ``conf_threshold``, or, with ``large_threshold``, a face of ``large_side`` input pixels
+    and more (the square root of its box's area) from ``large_threshold``. Only the best ``pre_nms_top_k``
+    anchors of an image that pass a threshold are decoded."""
+    anchors, strides = model.all_anchors(detections.grid_sizes)
     scores = detections.face_logits.float().sigmoid()
-    top_k = min(pre_nms_top_k, scores.shape[1])
+    top_scores, top_idx = scores.topk(min(pre_nms_top_k, scores.shape[1]), dim=1)
+    above = top_scores >= (conf_threshold if large_threshold is None else min(conf_threshold, large_threshold))
     results = []
     for image in range(scores.shape[0]):
-        candidate_scores, candidate_idx = scores[image].topk(top_k)
-        above = candidate_scores >= conf_threshold
-        candidate_scores, candidate_idx = candidate_scores[above], candidate_idx[above]
-        keep = nms(boxes[image, candidate_idx], candidate_scores, nms_iou)[:max_faces]
-        results.append((boxes[image, candidate_idx[keep]], candidate_scores[keep]))
+        candidate_scores, candidate_idx = top_scores[image, above[image]], top_idx[image, above[image]]
+        targets = BoxCoder.to_target_space(detections.box_raw[image, candidate_idx].float())
+        chosen, chosen_strides = anchors[candidate_idx], strides[candidate_idx, None]
+        xy = chosen[:, :2] + (targets[:, :2] - 0.5) * chosen_strides
+        wh = chosen[:, 2:] * torch.exp(targets[:, 2:].clamp(max=BoxCoder.max_log_ratio))
+        boxes = cxcywh_to_xyxy(torch.cat((xy, wh), dim=-1))
+        if large_threshold is not None:
+            large = wh.prod(dim=1).sqrt() >= large_side
+            kept = candidate_scores >= torch.where(large, large_threshold, conf_threshold)
+            boxes, candidate_scores = boxes[kept], candidate_scores[kept]
+        keep = nms(boxes, candidate_scores, nms_iou)[:max_faces]
+        results.append((boxes[keep], candidate_scores[keep]))
     return results
 
 
 def faces_from_maps(model: JointNetV2, maps: Sequence[torch.Tensor], conf_threshold: float = 0.5,
-                    nms_iou: float = 0.4, max_faces: int = 100) -> list[FacesV2]:
-    """Every kept face of each image with its embedding, from :meth:`JointNetV2.forward_maps`'s output."""
-    found = decode_v2(model, model.detections_from_maps(maps[:3]), conf_threshold, nms_iou, max_faces)
+                    nms_iou: float = 0.4, max_faces: int = 100, large_threshold: float | None = None,
+                    large_side: float = 96.0) -> list[FacesV2]:
+    """Every kept face of each image with its embedding, from :meth:`JointNetV2.forward_maps`'s output
+    (thresholds as in :func:`decode_v2`)."""
+    found = decode_v2(model, model.detections_from_maps(maps[:3]), conf_threshold, nms_iou, max_faces,
+                      large_threshold=large_threshold, large_side=large_side)
     boxes = torch.cat([b for b, _ in found]) if found else torch.zeros(0, 4)
     image_idx = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, (b, _) in enumerate(found)])
     embeddings = model.embed([m.float() for m in maps[3:]], boxes, image_idx) if len(boxes) else \

@@ -75,9 +75,10 @@ class TrainConfigV2:
     #: own detection FPN starts as a copy of the shared FPN after ``init_state`` (a shared-neck network's weights)
     detection_neck: str = "shared"
     split_detection_neck: bool = False
-    #: identity's own copies of the backbone's last stages (0, 1 or 2; needs detection_neck ``own``); with
-    #: ``split_identity_stages`` they start as copies of the backbone's after ``init_state``
-    identity_stages: int = 0
+    #: identity's own copies of backbone stages (``[3]``, ``[4]`` or ``[3, 4]``; a count 0-2 means the last
+    #: N; needs detection_neck ``own``); with ``split_identity_stages`` they start as copies of the backbone's
+    #: after ``init_state``
+    identity_stages: list[int] | int = field(default_factory=list)
     split_identity_stages: bool = False
     batch_size: int = 24
     max_steps: int = 4000
