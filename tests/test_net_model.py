@@ -309,3 +309,11 @@ def test_merge_flipped_pairs_mirror_detections_and_averages_them():
     # nothing in the mirror: found unchanged
     empty = Detections(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
     assert merge_flipped(found, empty, width) is found
+
+
+def test_an_image_without_pixels_is_refused_clearly():
+    from jointface.engines.base import check_image
+
+    with pytest.raises(ValueError, match="no pixels"):
+        check_image(np.zeros((0, 10, 3), dtype=np.uint8))
+    assert check_image(np.zeros((1, 1, 3), dtype=np.uint8)).shape == (1, 1, 3)

@@ -53,6 +53,8 @@ def check_image(image: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected an RGB image of shape (H, W, 3), got {shape}")
     if image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 image, got {image.dtype}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"the image has no pixels (shape {image.shape})")
     return np.ascontiguousarray(image)
 
 

@@ -314,8 +314,9 @@ class Letterbox:
 
 def resize_bilinear(image: np.ndarray, width: int, height: int) -> np.ndarray:
     """``(H, W, 3)`` uint8 -> ``(height, width, 3)`` uint8, PIL's ``BILINEAR`` filter (antialiased when
-    shrinking) done by torch on uint8: the same pixels as PIL to one grey level in about 0.06% of values, in
-    about a third of PIL's time (0.4 against 1.2 ms for 320 -> 240 px here)."""
+    shrinking) done by torch on uint8: PIL's pixels to one grey level in a few values
+    (``test_resize_bilinear_is_pil_bilinear``), faster (P4's step profile: letterbox 1.55 -> 0.90 ms per
+    320 px photo)."""
     with warnings.catch_warnings():  # decoded photos are read-only arrays; they are only read here
         warnings.simplefilter("ignore", UserWarning)
         pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]  # a view, channels-last

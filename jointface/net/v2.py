@@ -237,6 +237,8 @@ class JointNetV2(nn.Module):
         #: training option: no gradient through the stem and the first N residual stages (0-3); their
         #: backward is most of a step's cost on a CPU. Set by the training run, never stored
         self.frozen_stages = 0
+        #: every anchor at each grid size met so far (:meth:`all_anchors`): the same for every photo batch
+        self._anchor_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         #: the distillation target lives in the teacher's 128 dimensions: with another embedding size a
         #: bias-free linear map takes the embedding there (with 128 the embedding itself is distilled)
         self.teacher_projection = (nn.Identity() if record.embedding_dim == TEACHER_DIM
@@ -283,12 +285,11 @@ class JointNetV2(nn.Module):
     def all_anchors(self, grid_sizes: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`all_anchors` of this network's levels at these grid sizes (kept for the next photo batch)."""
         key = tuple((int(h), int(w)) for h, w in grid_sizes)
-        cache = self.__dict__.setdefault("_anchor_cache", {})
-        if key not in cache:
-            if len(cache) > 16:  # photos of many sizes: keep the newest few
-                cache.pop(next(iter(cache)))
-            cache[key] = all_anchors(self.anchor_grids(), key)
-        return cache[key]
+        if key not in self._anchor_cache:
+            if len(self._anchor_cache) > 16:  # photos of many sizes: keep the newest few
+                self._anchor_cache.pop(next(iter(self._anchor_cache)))
+            self._anchor_cache[key] = all_anchors(self.anchor_grids(), key)
+        return self._anchor_cache[key]
 
     def forward_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``(B, 3, H, W)`` -> 3 detection maps ``(B, A*5, G_h, G_w)`` (s8, s16, s32) and 2 identity maps
