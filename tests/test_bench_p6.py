@@ -281,3 +281,48 @@ def test_bench_p6_cli_on_a_small_data_folder(run_cli, shared_data, tmp_path):
     assert figures["p6c"]["all"]["photos"] == 2 and figures["p6c"]["all"]["reference_faces"] >= 2
     assert (out / "p6_scale.png").stat().st_size > 5000
     assert (out / "p6.md").read_text().startswith("## P6") and "Subset run: 1" in (out / "p6.md").read_text()
+
+
+def _sweep_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "detection_threshold" / "sweep.py"
+    spec = importlib.util.spec_from_file_location("detection_sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_detection_sweep_chooses_within_the_false_budget_with_a_step_of_margin(tmp_path):
+    """The sweep's rule on detections made up to know its answer, and the card section the engine reads."""
+    from jointface.bench.p6 import P6B_FACE_WIDTHS
+    from jointface.bench.report import _detection_point
+
+    sweep = _sweep_module()
+    face = [10.0, 10.0, 60.0, 60.0]
+    # P6a: its face at 0.65 and a false small face at 0.50; knn_examples: a false face at 0.45 (none expected)
+    items = {"p6a": [{"expected": [face], "detections": [face + [0.65, 50.0], [100, 100, 120, 120, 0.5, 20.0]]}],
+             "p6c_knn_examples": [{"expected": [], "detections": [[0, 0, 20, 20, 0.45, 20.0]]}],
+             "p1": [{"expected": [], "detections": [face + [0.9, 50.0]]}]}
+    scores = {24: (0.62, 14.0), 384: (0.30, 200.0)}  # a small face at 0.62, a close-up at 0.30
+    for width in P6B_FACE_WIDTHS:
+        score, side = scores.get(width, (0.9, 50.0))
+        items[f"p6b_{width}"] = [{"expected": [face], "detections": [face + [score, side]]}]
+    chosen = sweep.choose(items, floor=0.2)
+    # every face from 0.50 or lower counts the false ones; 0.55 has no step of margin; from 0.65 the 24 px face
+    # is lost; the close-up needs a band from 0.30 (0.25 also works: ties go to the higher threshold)
+    assert (chosen["conf_threshold"], chosen["large_face_threshold"]) == (0.6, 0.3)
+    assert chosen["mean_recall"] == 1.0 and chosen["figures"]["p6a"]["false_per_photo"] == 0.0
+    weights = tmp_path / "w.pt"
+    card = weights.with_suffix(".json")
+    card.write_text(json.dumps({"version": "abc", "default_threshold": 0.8}))
+    sweep.write_card(weights, "abc", chosen, "test sweep")
+    written = json.loads(card.read_text())
+    assert written["default_threshold"] == 0.8  # the card's other sections are kept
+    assert written["detection"] == {"conf_threshold": 0.6, "large_face_threshold": 0.3,
+                                    "large_face_side": chosen["large_face_side"], "source": "test sweep"}
+    assert _detection_point(card, "abc") == written["detection"]  # bench report keeps it
+    assert _detection_point(card, "other") is None
+    sweep.write_card(weights, "def", chosen, "again")  # a card of other weights is replaced
+    assert set(json.loads(card.read_text())) == {"weights", "version", "detection"}

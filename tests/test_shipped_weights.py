@@ -179,6 +179,35 @@ def test_default_threshold_comes_from_the_weights_card_of_those_weights(tmp_path
     assert JointEngine(copy).default_threshold == JointEngine.default_threshold
 
 
+def test_detection_operating_point_comes_from_the_card_of_those_weights(tmp_path):
+    import shutil
+
+    from jointface.engines.joint_engine import JointEngine, WeightsError
+
+    copy = tmp_path / "w.pt"
+    shutil.copy(default_weights_path(), copy)
+    plain = JointEngine(copy)  # no card: the class defaults
+    assert (plain.conf_threshold, plain.large_face_threshold, plain.large_face_side) == (
+        JointEngine.CONF_THRESHOLD, JointEngine.V2_LARGE_FACE_THRESHOLD, JointEngine.V2_LARGE_FACE_SIDE)
+    point = {"conf_threshold": 0.55, "large_face_threshold": 0.25, "large_face_side": 128.0, "source": "a sweep"}
+    card = {"version": plain.version, "detection": point}
+    copy.with_suffix(".json").write_text(json.dumps(card))
+    engine = JointEngine(copy)
+    assert (engine.conf_threshold, engine.large_face_threshold, engine.large_face_side) == (0.55, 0.25, 128.0)
+    assert engine.describe()["detection_point"] == "a sweep"  # the bench's cache key changes with the point
+    assert engine.describe() != plain.describe()
+    assert JointEngine(copy, conf_threshold=0.9).conf_threshold == 0.9  # an option still wins
+    one = {"version": plain.version, "detection": {**point, "large_face_threshold": None}}
+    copy.with_suffix(".json").write_text(json.dumps(one))  # null: one threshold for every face
+    assert (JointEngine(copy).large_face_threshold, JointEngine(copy).large_face_side) == (None, None)
+    copy.with_suffix(".json").write_text(json.dumps({**card, "version": "0" * 12}))  # other weights' card
+    assert JointEngine(copy).conf_threshold == JointEngine.CONF_THRESHOLD
+    for bad in ({"conf_threshold": 7}, {"large_face_threshold": "low"}, {"large_face_side": -3}):
+        copy.with_suffix(".json").write_text(json.dumps({**card, "detection": {**point, **bad}}))
+        with pytest.raises(WeightsError, match="detection"):
+            JointEngine(copy)
+
+
 def test_onnx_graph_is_cached_and_a_damaged_cache_file_is_exported_again(tmp_path):
     from jointface.engines import get_engine
     from jointface.engines.onnx_runtime import OnnxMaps

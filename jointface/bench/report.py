@@ -108,10 +108,24 @@ def write_weights_card(results_dir: Path) -> Path | None:
         card["training_data"] = training["data"]
     from jointface.engines import default_engine_decision
 
-    card["default_engine"] = default_engine_decision(card)
     out = weights.with_suffix(".json")
+    detection = _detection_point(out, version)
+    if detection:  # chosen before the benchmarks ran (they measured it): kept as it was
+        card["detection"] = detection
+    card["default_engine"] = default_engine_decision(card)
     out.write_text(json.dumps(card, indent=2, default=str) + "\n")
     return out
+
+
+def _detection_point(card_path: Path, version: str) -> dict | None:
+    """The ``detection`` section of the card at ``card_path`` when that card describes ``version``."""
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(card, dict) and card.get("version") == version and isinstance(card.get("detection"), dict):
+        return card["detection"]
+    return None
 
 
 def _p6b_card(path: Path, version: str) -> dict | None:

@@ -69,11 +69,14 @@ class JointEngine(Engine):
     #: 0.910 -> 0.970, P1 photos without a face 14 -> 6 on the shipped weights)
     V2_LARGE_FACE_THRESHOLD = 0.3
     V2_LARGE_FACE_SIDE = 96.0
+    #: faces are kept from this confidence unless the weights card or an option says otherwise
+    CONF_THRESHOLD = 0.7
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str = "cpu", bf16: bool = False,
-                 conf_threshold: float = 0.7, nms_iou: float = 0.4, input_size: int | None = None,
+                 conf_threshold: float | None = None, nms_iou: float = 0.4, input_size: int | None = None,
                  max_faces: int = 100, channels_last: bool = True, fuse: bool = True, runtime: str = "torch",
-                 flip: bool = False, large_face_threshold: float | None = None):
+                 flip: bool = False, large_face_threshold: float | None = None,
+                 large_face_side: float | None = None):
         import torch
 
         from jointface.net.model import JointNet, ModelRecord
@@ -104,6 +107,9 @@ class JointEngine(Engine):
                          "training_steps": training.get("step"), "validation": training.get("metrics") or {},
                          "continued_from": (training.get("config") or {}).get("init_weights")}
         self.default_threshold, self.threshold_source = self._card_threshold(path, self._version)
+        #: the detection operating point of these weights (the card's ``detection`` section, written by
+        #: ``benchmarks/detection_threshold/sweep.py --write-card``), or the class defaults
+        self.detection_point = self._card_detection(path, self._version)
         self._classifier = _classifier_from(payload.get("identity_heads") or {})
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -139,12 +145,20 @@ class JointEngine(Engine):
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.bf16 = bool(bf16)
-        self.conf_threshold = float(conf_threshold)
-        #: v2: faces of V2_LARGE_FACE_SIDE input pixels and more are kept from this confidence (None: the class
-        #: default; v1 networks keep every face from ``conf_threshold``)
-        self.large_face_threshold = (None if self.architecture != "v2" else
-                                     float(self.V2_LARGE_FACE_THRESHOLD if large_face_threshold is None
-                                           else large_face_threshold))
+        point = self.detection_point
+        self.conf_threshold = float(conf_threshold if conf_threshold is not None else
+                                    point.get("conf_threshold", self.CONF_THRESHOLD))
+        #: v2: faces of ``large_face_side`` input pixels and more are kept from this confidence (None: every
+        #: face from ``conf_threshold``, as v1 networks always do)
+        self.large_face_threshold: float | None = None
+        self.large_face_side: float | None = None
+        if self.architecture == "v2":
+            if large_face_threshold is None:
+                large_face_threshold = point.get("large_face_threshold", self.V2_LARGE_FACE_THRESHOLD)
+            if large_face_threshold is not None:
+                self.large_face_threshold = float(large_face_threshold)
+                self.large_face_side = float(large_face_side if large_face_side is not None else
+                                             point.get("large_face_side", self.V2_LARGE_FACE_SIDE))
         self.nms_iou = float(nms_iou)
         # None: chosen per batch from the image size (see network_input_size).
         self.input_size = int(input_size) if input_size else None
@@ -187,6 +201,35 @@ class JointEngine(Engine):
         except (OSError, ValueError, TypeError, AttributeError):
             pass
         return cls.default_threshold, "fixed default"
+
+    @classmethod
+    def _card_detection(cls, path: Path, version: str) -> dict:
+        """The card's detection operating point (``conf_threshold``, ``large_face_threshold``,
+        ``large_face_side``, ``source``) when the card beside the weights describes them, else ``{}``.
+
+        Each network's confidences are calibrated its own way, so the point
+        belongs to the weights file (chosen by ``benchmarks/detection_threshold/
+        sweep.py``); a card of other weights, a damaged one or none leaves the
+        class defaults. A value out of [0, 1] is refused loudly: it would
+        silently keep every face or none.
+        """
+        try:
+            card = json.loads(path.with_suffix(".json").read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(card, dict) or card.get("version") != version or not isinstance(card.get("detection"), dict):
+            return {}
+        point = dict(card["detection"])
+        for key in ("conf_threshold", "large_face_threshold"):
+            value = point.get(key)
+            if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise WeightsError(f"{path.with_suffix('.json')}: detection {key} must be a confidence in [0, 1], "
+                                   f"not {value!r}")
+        side = point.get("large_face_side")
+        if side is not None and not (isinstance(side, (int, float)) and side > 0):
+            raise WeightsError(f"{path.with_suffix('.json')}: detection large_face_side must be a positive number "
+                               f"of input pixels, not {side!r}")
+        return point
 
     @property
     def version(self) -> str:
@@ -374,7 +417,7 @@ class JointEngine(Engine):
         return results
 
     def _large_faces(self) -> dict:
-        return {"large_threshold": self.large_face_threshold, "large_side": self.V2_LARGE_FACE_SIDE}
+        return {"large_threshold": self.large_face_threshold, "large_side": self.large_face_side or 0.0}
 
     def _place(self, images: Sequence[np.ndarray]):
         """Checked images and their letterboxed canvases with placements, at the input size for the batch."""
@@ -399,7 +442,8 @@ class JointEngine(Engine):
                 "runtime": self.runtime, "flip_tta": self.flip, "bf16": self.bf16,
                 "channels_last": self.channels_last, "fused_batchnorm": self.fused,
                 "conf_threshold": self.conf_threshold, "large_face_threshold": self.large_face_threshold,
-                "large_face_side": self.V2_LARGE_FACE_SIDE if self.large_face_threshold is not None else None,
+                "large_face_side": self.large_face_side,
+                "detection_point": self.detection_point.get("source", "class defaults"),
                 "nms_iou": self.nms_iou, "weights": str(self.weights_path),
                 **self.training}
 
