@@ -516,6 +516,43 @@ def test_identity_stages_of_its_own_leave_every_detection_weight_alone(one_torch
         own.split_identity_stages()
 
 
+def test_a_narrower_identity_stage_3_slimmed_from_a_full_one(one_torch_thread):
+    """``identity_stage_width``: identity's own stage 3 with fewer planes; the slimming script keeps the channels
+    that matter, so channels that carry nothing are dropped without changing a single output."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "joint_v2" / "slim_stage3" / "slim.py"
+    spec = importlib.util.spec_from_file_location("slim_stage3", path)
+    slim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(slim)
+    torch.manual_seed(0)
+    full = JointNetV2(tiny_record(detection_neck="own", identity_stages=[3])).eval()
+    stage = full.identity_backbone["layer3"]
+    planes, width = stage[0].bn2.weight.numel(), 12
+    with torch.no_grad():  # channels from `width` on carry nothing: zero BatchNorm outputs, unread by the FPN
+        for bn in [stage[0].bn1, stage[0].bn2, stage[0].downsample[1]]:
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.running_mean.normal_()
+            bn.weight[width:] = 0.0
+            bn.bias[width:] = 0.0
+        full.lateral[1].weight[:, width:] = 0.0
+    narrow = JointNetV2(tiny_record(detection_neck="own", identity_stages=[3], identity_stage_width=width)).eval()
+    narrow.load_state_dict(slim.slim_state(full.state_dict(), width))
+    assert narrow.identity_backbone["layer3"][0].bn2.weight.numel() == width < planes
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(full.forward_maps(images), narrow.forward_maps(images)):
+            assert torch.allclose(a, b, atol=1e-5)
+    assert ModelRecordV2.from_dict(narrow.record.to_dict()).identity_stage_width == width
+    with pytest.raises(ValueError, match="cannot start as a copy"):
+        narrow.split_identity_stages()
+    for bad in (dict(identity_stages=[3, 4]), dict(identity_stages=[]), dict(identity_stages=[3])):
+        with pytest.raises(ValueError, match="identity_stage_width"):
+            tiny_record(detection_neck="own", identity_stage_width=-4 if bad["identity_stages"] == [3] else 8,
+                        **bad)
+
+
 def test_init_state_renames_tensors_and_takes_margin_rows_by_class_name(tmp_path, one_torch_thread):
     from jointface.net.model import MarginClassifier
     from jointface.train.v2 import load_parts, margin_rows

@@ -97,6 +97,18 @@ RESNET_SPECS: dict[str, ResNetSpec] = {
 }
 
 
+def make_stage(block, inplanes: int, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+    """A residual stage: ``blocks`` blocks of ``planes`` planes, the first with ``stride`` (and a projection
+    shortcut when the shape changes)."""
+    downsample = None
+    if stride != 1 or inplanes != planes * block.expansion:
+        downsample = nn.Sequential(conv1x1(inplanes, planes * block.expansion, stride),
+                                   nn.BatchNorm2d(planes * block.expansion))
+    layers = [block(inplanes, planes, stride, downsample)]
+    layers += [block(planes * block.expansion, planes) for _ in range(1, blocks)]
+    return nn.Sequential(*layers)
+
+
 class ResNet(nn.Module):
     """torchvision-compatible ResNet; ``stride`` (32) is the feature map's stride."""
 
@@ -125,14 +137,9 @@ class ResNet(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
-        downsample = None
-        if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(conv1x1(self.inplanes, planes * block.expansion, stride),
-                                       nn.BatchNorm2d(planes * block.expansion))
-        layers = [block(self.inplanes, planes, stride, downsample)]
+        layer = make_stage(block, self.inplanes, planes, blocks, stride)
         self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
+        return layer
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` -> ``(B, num_features, ceil(H/32), ceil(W/32))``."""
@@ -152,6 +159,25 @@ def build_resnet(name: str, num_classes: int = 0) -> ResNet:
         raise ValueError(f"unknown backbone {name!r}; choose one of: {', '.join(sorted(RESNET_SPECS))}")
     spec = RESNET_SPECS[name]
     return ResNet(spec.block, spec.layers, num_classes=num_classes, base_width=spec.base_width)
+
+
+def resnet_stage(name: str, stage: int, planes: int) -> nn.Sequential:
+    """Stage ``stage`` (1-4) of backbone ``name`` with ``planes`` planes instead of its own (same blocks, same
+    stride, same input channels): a narrower copy of one stage, freshly initialised as :class:`ResNet` does."""
+    if name not in RESNET_SPECS:
+        raise ValueError(f"unknown backbone {name!r}; choose one of: {', '.join(sorted(RESNET_SPECS))}")
+    if stage not in (1, 2, 3, 4) or planes < 1:
+        raise ValueError(f"a stage is 1-4 with at least one plane: stage {stage!r}, planes {planes!r}")
+    spec = RESNET_SPECS[name]
+    inplanes = spec.base_width * 2 ** (stage - 2) * spec.block.expansion if stage > 1 else spec.base_width
+    layer = make_stage(spec.block, inplanes, planes, spec.layers[stage - 1], stride=1 if stage == 1 else 2)
+    for module in layer.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    return layer
 
 
 def resnet18(num_classes: int = 1000) -> ResNet:

@@ -45,7 +45,7 @@ from torch import nn
 from .anchors import AnchorGrid
 from .boxes import BoxCoder, box_iou, cxcywh_to_xyxy, logit, nms, wh_iou
 from .model import FACE_PRIOR, IMAGENET_MEAN, IMAGENET_STD
-from .resnet import build_resnet
+from .resnet import RESNET_SPECS, build_resnet, resnet_stage
 
 ARCHITECTURE = "v2"
 TEACHER_DIM = 128
@@ -79,6 +79,9 @@ class ModelRecordV2:
     #: with detection's every weight fixed (issue 15). The counts 0, 1 and 2 of older records mean ``[]``,
     #: ``[4]`` and ``[3, 4]`` (the last N stages)
     identity_stages: list[int] | int = field(default_factory=list)
+    #: planes of identity's own stage 3 (``identity_stages == [3]``): 0 is the backbone's (a copy); fewer make
+    #: identity's extra stage cheaper (a ResNet18 stage 3 of 128 planes costs about 0.3 of one of 256)
+    identity_stage_width: int = 0
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     class_names: list[str] = field(default_factory=list)
@@ -104,6 +107,10 @@ class ModelRecordV2:
         self.identity_stages = identity_stage_list(self.identity_stages)
         if self.identity_stages and self.detection_neck != "own":
             raise ValueError("identity stages of its own need a detection neck of its own (detection_neck 'own')")
+        if self.identity_stage_width and (self.identity_stages != [3] or self.identity_stage_width < 0):
+            raise ValueError("identity_stage_width sets the planes of identity's own stage 3, so it needs "
+                             f"identity_stages [3] and a positive width: {self.identity_stage_width!r}, "
+                             f"stages {self.identity_stages!r}")
 
     @property
     def stride(self) -> int:
@@ -206,7 +213,10 @@ class JointNetV2(nn.Module):
         width = self.backbone.num_features // 8  # C3 channels (stage 2 of 4)
         in_channels = [width * 2, width * 4, width * 8]  # C3, C4, C5
         channels = record.fpn_channels
-        self.lateral, self.smooth = self._fpn(in_channels, channels)
+        identity_in = list(in_channels)
+        if record.identity_stage_width:  # identity's own C4 has the planes of its narrower stage 3
+            identity_in[1] = record.identity_stage_width * RESNET_SPECS[record.backbone].block.expansion
+        self.lateral, self.smooth = self._fpn(identity_in, channels)
         #: with ``detection_neck == "own"`` the detection heads read these, and ``lateral``/``smooth`` feed
         #: identity alone (which reads P3 and P4, so ``smooth[2]`` is then unused: kept for the weights' layout,
         #: except with identity stages of its own, whose networks have none)
@@ -234,6 +244,8 @@ class JointNetV2(nn.Module):
             spare = build_resnet(record.backbone, num_classes=0)
             for stage in record.identity_stages:
                 self.identity_backbone[f"layer{stage}"] = getattr(spare, f"layer{stage}")
+            if record.identity_stage_width:
+                self.identity_backbone["layer3"] = resnet_stage(record.backbone, 3, record.identity_stage_width)
         #: training option: no gradient through the stem and the first N residual stages (0-3); their
         #: backward is most of a step's cost on a CPU. Set by the training run, never stored
         self.frozen_stages = 0
@@ -274,6 +286,9 @@ class JointNetV2(nn.Module):
         """Start the identity branch's own stages as copies of the backbone's."""
         if not self.record.identity_stages:
             raise ValueError("this network's identity branch has no stages of its own (identity_stages is 0)")
+        if self.record.identity_stage_width:
+            raise ValueError("identity's own stage 3 is narrower than the backbone's: it cannot start as a copy "
+                             "(start it from a slimmed network, benchmarks/joint_v2/slim_stage3/slim.py)")
         for name, stage in self.identity_backbone.items():
             stage.load_state_dict(getattr(self.backbone, name).state_dict())
 

@@ -79,6 +79,8 @@ class TrainConfigV2:
     #: N; needs detection_neck ``own``); with ``split_identity_stages`` they start as copies of the backbone's
     #: after ``init_state``
     identity_stages: list[int] | int = field(default_factory=list)
+    #: planes of identity's own stage 3 (0: the backbone's; see :class:`jointface.net.v2.ModelRecordV2`)
+    identity_stage_width: int = 0
     split_identity_stages: bool = False
     batch_size: int = 24
     max_steps: int = 4000
@@ -418,6 +420,7 @@ class Run:
                                    identity_channels=config.identity_channels, embedding_dim=config.embedding_dim,
                                    roi_size=config.roi_size, roi_margin=config.roi_margin,
                                    detection_neck=config.detection_neck, identity_stages=config.identity_stages,
+                                   identity_stage_width=config.identity_stage_width,
                                    class_names=self.data.class_names, training_command=" ".join(sys.argv),
                                    training_data=json.dumps(sorted(config.labels)))
         self.model = JointNetV2(record).to(memory_format=torch.channels_last)
