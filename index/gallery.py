@@ -98,6 +98,7 @@ class Gallery:
         self._notify = notify or (lambda message: None)
         self._lock = FileLock(str(self.home / "gallery.lock"), timeout=LOCK_TIMEOUT_S)
         self._indexes: dict[str, VectorIndex] = {}
+        self._people_counts: dict[tuple[str, str, int], int] = {}  # see people_count
         self.backend: VectorBackend = make_backend(self, BackendSpec("faiss"))
 
     # -- opening ----------------------------------------------------------------------------
@@ -383,6 +384,20 @@ class Gallery:
         """The ids of every enrolled face (all engines)."""
         with self.store.session() as session:
             return set(session.scalars(select(FaceRow.id)))
+
+    def people_count(self, engine_name: str, engine_version: str) -> int:
+        """How many people have faces of this engine and version (kept per generation of the engine's faces:
+        a search asks once per command, a service once per request)."""
+        with self.store.session() as session:
+            generation = self.store.generation(session, engine_name)
+            key = (engine_name, engine_version, generation)
+            cached = self._people_counts.get(key)
+            if cached is None:
+                cached = int(session.execute(
+                    select(func.count(func.distinct(FaceRow.person_id)))
+                    .where(FaceRow.engine == engine_name, FaceRow.engine_version == engine_version)).scalar_one())
+                self._people_counts = {key: cached}
+        return cached
 
     def embeddings_by_person(self) -> list[tuple[str, bytes]]:
         """``(person name, embedding bytes)`` of every enrolled face (all engines)."""

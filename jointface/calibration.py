@@ -6,6 +6,8 @@ benchmarks build their reports on top of them (``jointface.bench.metrics``).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 
@@ -90,3 +92,83 @@ def threshold_for_fpir(nonmated_best_scores, target_fpir: float, n_total: int | 
     if ok.any():
         return float(finite[np.argmax(ok)])
     return float(np.nextafter(finite[-1], np.inf))
+
+
+#: gallery sizes (people) at which P2 calibrates the joint engine's default threshold
+GALLERY_SIZES = (2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+def thresholds_by_gallery_size(nonmated_scores, target_fpir: float, sizes=GALLERY_SIZES, *, mated_scores=None,
+                               mated_people=None, repeats: int = 20, seed: int = 0) -> list[dict]:
+    """The threshold that keeps FPIR at ``target_fpir`` in galleries of each size, by subsampling one gallery.
+
+    A stranger's best score grows with the number of people it is compared
+    with, so one threshold cannot hold one FPIR for a gallery of 5 and of
+    1,000 people. ``nonmated_scores`` is ``(strangers, people)``: each
+    stranger's score against every person of a gallery (a row of NaN: no
+    face, never a false positive). For each size ``n`` (and the full gallery),
+    ``repeats`` random sets of ``n`` people; the threshold comes from the
+    even-indexed strangers' best scores over all sets, and ``fpir_held_out``
+    is measured on the odd-indexed ones (the calibration of P2 itself).
+
+    With ``mated_scores`` (``(probes, people)``) and ``mated_people`` (each
+    probe's person, a column index), ``tpir`` is the share of mated probes
+    whose own person, in a set with ``n - 1`` others, ranks first at or above
+    the threshold.
+
+    Returns rows ``{"people", "threshold", "fpir_held_out", "tpir"}``.
+    """
+    nonmated = np.asarray(nonmated_scores, dtype=np.float64)
+    if nonmated.ndim != 2 or nonmated.shape[1] < 1:
+        raise ValueError(f"nonmated_scores must be (strangers, people), got shape {nonmated.shape}")
+    people = nonmated.shape[1]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for size in sorted({int(s) for s in sizes if 0 < s < people} | {people}):
+        draws = 1 if size == people else repeats
+        subsets = [rng.choice(people, size=size, replace=False) for _ in range(draws)]
+        with warnings.catch_warnings():  # a stranger without a face: an all-NaN row, best score NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            best = np.stack([np.nanmax(nonmated[:, subset], axis=1) for subset in subsets])
+        threshold = threshold_for_fpir(best[:, 0::2].ravel(), target_fpir)
+        row = {"people": size, "threshold": float(threshold),
+               "fpir_held_out": fpir_at_threshold(best[:, 1::2].ravel(), threshold)}
+        if mated_scores is not None:
+            row["tpir"] = _tpir_in_subsets(np.asarray(mated_scores, dtype=np.float64),
+                                           np.asarray(mated_people, dtype=np.int64), size, threshold, draws, rng)
+        rows.append(row)
+    return rows
+
+
+def _tpir_in_subsets(mated: np.ndarray, own: np.ndarray, size: int, threshold: float, draws: int,
+                     rng: np.random.Generator) -> float:
+    """Share of mated probes ranked first at or above ``threshold`` among their person and ``size - 1`` others.
+
+    Each draw takes ``size`` random people; a probe whose person is among them competes with the others, any
+    other probe with the first ``size - 1`` of them.
+    """
+    people = mated.shape[1]
+    own_score = mated[np.arange(len(own)), own]
+    accepted = ~np.isnan(own_score) & (own_score >= threshold)
+    hits = 0
+    for _ in range(draws):
+        subset = rng.choice(people, size=size, replace=False)
+        rivals = mated[:, subset].copy()
+        is_own = subset[None, :] == own[:, None]
+        rivals[is_own] = -np.inf
+        rivals[~is_own.any(axis=1), size - 1] = -np.inf  # the first size - 1 people are its rivals
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            best_rival = np.nanmax(rivals, axis=1) if size > 1 else np.full(len(own), -np.inf)
+        hits += int(np.count_nonzero(accepted & ~(best_rival > own_score)))
+    return hits / (draws * len(own)) if len(own) else float("nan")
+
+
+def threshold_for_gallery(table: dict, people: int) -> float:
+    """The threshold of a ``thresholds_by_gallery_size`` table (``{"people": [...], "threshold": [...]}``) for a
+    gallery of ``people``, linear in log(people) between calibrated sizes; outside them, the nearest one's."""
+    sizes = np.asarray(table["people"], dtype=np.float64)
+    values = np.asarray(table["threshold"], dtype=np.float64)
+    if sizes.ndim != 1 or len(sizes) == 0 or sizes.shape != values.shape or (np.diff(sizes) <= 0).any():
+        raise ValueError("a gallery-size table needs increasing sizes, each with its threshold")
+    return float(np.interp(np.log(max(int(people), 1)), np.log(sizes), values))

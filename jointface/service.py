@@ -255,8 +255,11 @@ def resolve_threshold(gallery: Gallery, engine: Engine, explicit: float | None) 
     calibrated, info = gallery.threshold(engine.name)
     if calibrated is not None and info.get("engine_version") in (None, engine.version):
         return Threshold(calibrated, "calibrated")
-    detail = getattr(engine, "threshold_source", None)
-    return Threshold(engine.default_threshold, "engine default" + (f": {detail}" if detail else ""))
+    if engine.sized_thresholds:  # the default follows the number of people this engine's faces name
+        value, detail = engine.default_threshold_for(gallery.people_count(engine.name, engine.version))
+    else:
+        value, detail = engine.default_threshold, getattr(engine, "threshold_source", None)
+    return Threshold(float(value), "engine default" + (f": {detail}" if detail else ""))
 
 
 def identify(gallery: Gallery, engine: Engine, faces: Sequence[Face], *, top_k: int,

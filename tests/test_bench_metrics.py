@@ -345,3 +345,31 @@ def test_subject_face_is_the_one_nearest_the_centre():
     assert subject_face([bystander, subject], 250, 250) is subject
     assert best_face([bystander, subject]) is bystander
     assert subject_face([], 250, 250) is None
+
+
+def test_thresholds_by_gallery_size_hold_the_fpir_and_grow_with_the_gallery():
+    from jointface.calibration import thresholds_by_gallery_size, threshold_for_gallery
+
+    rng = np.random.default_rng(3)
+    people = 400
+    strangers = rng.normal(0.3, 0.1, size=(800, people))
+    strangers[::7] = np.nan  # strangers without a face: never a false positive
+    mated = rng.normal(0.3, 0.1, size=(600, people))
+    own = rng.integers(0, people, size=600)
+    mated[np.arange(600), own] += 0.4
+    rows = thresholds_by_gallery_size(strangers, 0.1, (1, 5, 50), mated_scores=mated, mated_people=own)
+    assert [row["people"] for row in rows] == [1, 5, 50, people]  # and the whole gallery
+    thresholds = [row["threshold"] for row in rows]
+    assert thresholds == sorted(thresholds) and thresholds[0] < thresholds[-1] - 0.2
+    for row in rows:  # held-out strangers' FPIR near the target; mated probes fare worse in larger galleries
+        assert abs(row["fpir_held_out"] - 0.1) < 0.03
+    tpir = [row["tpir"] for row in rows]
+    assert tpir == sorted(tpir, reverse=True) and tpir[0] > 0.95
+    table = {"people": [row["people"] for row in rows], "threshold": thresholds}
+    assert threshold_for_gallery(table, 5) == pytest.approx(thresholds[1])
+    assert thresholds[1] < threshold_for_gallery(table, 20) < thresholds[2]
+    assert threshold_for_gallery(table, 10_000) == pytest.approx(thresholds[-1])  # beyond: the largest's
+    with pytest.raises(ValueError, match="increasing sizes"):
+        threshold_for_gallery({"people": [10, 5], "threshold": [0.5, 0.4]}, 7)
+    with pytest.raises(ValueError, match="strangers, people"):
+        thresholds_by_gallery_size(np.zeros(5), 0.1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from index import Gallery
 from jointface.bench.protocols import list_lfw
@@ -25,6 +26,13 @@ def test_bench_p2_subset_writes_results(run_cli, tmp_path):
     assert data["engines"]["dlib"]["version"].startswith("dlib-resnet-v1-")
     assert data["environment"]["git_commit"] is None or len(data["environment"]["git_commit"]) == 40
     assert (out / "p2_det.png").stat().st_size > 5000 and (out / "p2.md").read_text().startswith("## P2")
+    # calibration by gallery size: its whole-gallery row is P2's own calibration (same strangers, same halves)
+    for fpir in ("0.1", "0.01"):
+        rows = figures["by_gallery_size"][fpir]
+        assert rows[-1]["people"] == figures["gallery_enrolled"] > rows[0]["people"] == 2
+        assert rows[-1]["threshold"] == pytest.approx(figures["calibrated"][fpir]["threshold"])
+        assert all(0.0 <= row["tpir"] <= 1.0 and 0.0 <= row["fpir_held_out"] <= 1.0 for row in rows)
+    assert (out / "p2_gallery_size.png").stat().st_size > 5000 and "by gallery size" in (out / "p2.md").read_text()
     # A rerun hits the detection cache and gives the same figures.
     again = run_cli("bench", "p2", "--engine", "dlib", "--limit", "12", "--out", out, "--cache", tmp_path / "cache")
     assert json.loads((out / "p2.json").read_text())["figures"]["dlib"]["rank1"] == figures["rank1"]

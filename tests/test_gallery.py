@@ -170,3 +170,47 @@ def test_read_only_home_is_a_clear_error(tmp_path, db_url):
                 Gallery.open(home, db_url)
     finally:
         home.chmod(0o700)
+
+
+def test_people_count_follows_enrolment_merges_and_removals(gallery):
+    other = EmbeddingSpace("test", "v2", DIM)
+    assert gallery.people_count("test", "v1") == 0
+    gallery.add_faces(ENGINE, [face("ann", 1), face("ann", 2), face("bob", 3)])
+    gallery.add_faces(other, [face("cid", 4)])
+    assert gallery.people_count("test", "v1") == 2  # people, not faces; another version's faces not counted
+    assert gallery.people_count("test", "v2") == 1
+    gallery.add_faces(ENGINE, [face("cid", 5)])
+    assert gallery.people_count("test", "v1") == 3  # a new generation: counted again
+    gallery.merge_people("cid", "bob")
+    assert gallery.people_count("test", "v1") == 2
+    gallery.remove_person("ann")
+    assert gallery.people_count("test", "v1") == 1
+
+
+def test_the_default_threshold_follows_the_gallery_size_when_the_engine_has_a_table(gallery):
+    from jointface.calibration import threshold_for_gallery
+    from jointface.engines.base import Engine
+    from jointface.service import resolve_threshold
+
+    class Sized(Engine):
+        name, version, dim = "test", "v1", DIM
+        default_threshold = 0.9
+        table = {"people": [2, 10, 100], "threshold": [0.4, 0.6, 0.8], "fpir": 0.1}
+
+        def detect(self, image):
+            return []
+
+        @property
+        def sized_thresholds(self):
+            return True
+
+        def default_threshold_for(self, people):
+            return threshold_for_gallery(self.table, people), f"table, {people} people"
+
+    engine = Sized()
+    gallery.add_faces(ENGINE, [face(f"p{i}", i) for i in range(10)])
+    chosen = resolve_threshold(gallery, engine, None)
+    assert chosen.value == pytest.approx(0.6) and chosen.source == "engine default: table, 10 people"
+    assert resolve_threshold(gallery, engine, 0.3).value == 0.3  # an option still wins
+    gallery.set_threshold("test", 0.55, {"engine_version": "v1"})
+    assert resolve_threshold(gallery, engine, None).source == "calibrated"  # and so does a calibration

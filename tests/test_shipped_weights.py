@@ -177,6 +177,18 @@ def test_default_threshold_comes_from_the_weights_card_of_those_weights(tmp_path
     assert JointEngine(copy).default_threshold == JointEngine.default_threshold
     copy.with_suffix(".json").write_text("{ not json")
     assert JointEngine(copy).default_threshold == JointEngine.default_threshold
+    # thresholds by gallery size: the default follows the number of people, clamped to the calibrated sizes
+    table = {"fpir": 0.1, "people": [2, 20, 200], "threshold": [0.5, 0.7, 0.8], "source": "P2 by size"}
+    copy.with_suffix(".json").write_text(json.dumps({**card, "thresholds_by_gallery_size": table}))
+    engine = JointEngine(copy)
+    assert engine.sized_thresholds and engine.default_threshold == 0.8125
+    assert engine.default_threshold_for(20) == (0.7, "P2 by size, for 20 people")
+    assert engine.default_threshold_for(1)[0] == 0.5 and "below the smallest" in engine.default_threshold_for(1)[1]
+    assert engine.default_threshold_for(5000)[0] == 0.8 and "above the largest" in engine.default_threshold_for(5000)[1]
+    broken = {**table, "people": [20, 2, 200]}  # a table that does not read: the single default
+    copy.with_suffix(".json").write_text(json.dumps({**card, "thresholds_by_gallery_size": broken}))
+    assert not JointEngine(copy).sized_thresholds
+    assert JointEngine(copy).default_threshold_for(20) == (0.8125, "P2 calibration")
 
 
 def test_detection_operating_point_comes_from_the_card_of_those_weights(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -135,8 +136,39 @@ def p2_scores(engine: Engine, ctx: BenchContext, gallery_size: int = 1) -> dict:
         enrol = _enrol_gallery(gallery, engine, gallery_images, ctx, f"P2 {engine.name} gallery", load_image)
         mated_results = _probe(gallery, engine, mated, load_image, ctx, f"P2 {engine.name} mated")
         nonmated_results = _probe(gallery, engine, nonmated, load_image, ctx, f"P2 {engine.name} non-mated")
-    return {"enrol": enrol, "mated_labels": [image.person for image in mated],
-            "mated": [cands for _, cands in mated_results], "nonmated": [cands for _, cands in nonmated_results]}
+        enrolled = gallery.embeddings_by_person()
+    labels = [image.person for image in mated]
+    return {"enrol": enrol, "mated_labels": labels,
+            "mated": [cands for _, cands in mated_results], "nonmated": [cands for _, cands in nonmated_results],
+            "matrices": _score_matrices(enrolled, [face for face, _ in mated_results], labels,
+                                        [face for face, _ in nonmated_results])}
+
+
+def _score_matrices(enrolled, mated_faces, mated_labels, nonmated_faces) -> dict:
+    """Every probe's similarity to every enrolled person (the best over the person's faces, as the gallery's
+    search ranks people): ``nonmated`` ``(strangers, people)``, ``mated`` ``(probes, people)`` and
+    ``mated_people`` (each mated probe's column; a probe whose person is not enrolled is left out). A probe
+    without a face is a row of NaN."""
+    names = sorted({name for name, _ in enrolled})
+    column = {name: i for i, name in enumerate(names)}
+    vectors = np.stack([np.frombuffer(blob, dtype=np.float32) for _, blob in enrolled]) if enrolled else None
+    owner = np.array([column[name] for name, _ in enrolled], dtype=np.int64)
+
+    def matrix(faces) -> np.ndarray:
+        out = np.full((len(faces), len(names)), np.nan)
+        found = [i for i, face in enumerate(faces) if face is not None]
+        if vectors is None or not found:
+            return out
+        sims = np.stack([faces[i].embedding for i in found]).astype(np.float32) @ vectors.T
+        best = np.full((len(found), len(names)), -np.inf)
+        for person in range(len(names)):  # a person's best face
+            best[:, person] = sims[:, owner == person].max(axis=1)
+        out[found] = best
+        return out
+
+    keep = [i for i, label in enumerate(mated_labels) if label in column]
+    return {"nonmated": matrix(nonmated_faces), "mated": matrix([mated_faces[i] for i in keep]),
+            "mated_people": np.array([column[mated_labels[i]] for i in keep], dtype=np.int64)}
 
 
 def transfer_experiment(engine: Engine, ctx: BenchContext) -> dict:
@@ -202,6 +234,7 @@ def run_p2(engines: Sequence[Engine], ctx: BenchContext, out_dir: Path | None = 
                 "fpir_held_out": metrics.fpir_at_threshold(half_b, threshold),
                 "tpir": metrics.tpir_at_threshold(correct, rank1, threshold),
             }
+        by_size = _by_gallery_size(scores, nonmated_best)
         figures[engine.name] = {**{k: (float(v) if isinstance(v, (float, np.floating)) else v)
                                    for k, v in report.items()},
                                 "gallery_enrolled": scores["enrol"]["enrolled"],
@@ -213,6 +246,7 @@ def run_p2(engines: Sequence[Engine], ctx: BenchContext, out_dir: Path | None = 
                                                                                        engine.default_threshold),
                                 "tpir_at_default_threshold": metrics.tpir_at_threshold(
                                     correct, rank1, engine.default_threshold),
+                                "by_gallery_size": by_size,
                                 "transfer": transfer_experiment(engine, ctx)}
     result = {"protocol": "P2", "figures": figures, "config": {"gallery_size": 1, "subset": ctx.limit}}
     if out_dir is not None:
@@ -220,7 +254,57 @@ def run_p2(engines: Sequence[Engine], ctx: BenchContext, out_dir: Path | None = 
             "det": str(plots.plot_det(det, out_dir / "p2_det.png", title="P2 open-set identification (LFW)")),
             "cmc": str(plots.plot_cmc(cmc_curves, out_dir / "p2_cmc.png")),
         }
+        sized = {name: row["by_gallery_size"] for name, row in figures.items() if row.get("by_gallery_size")}
+        if sized:
+            result["plots"]["by_gallery_size"] = str(_plot_by_gallery_size(sized, out_dir / "p2_gallery_size.png"))
     return result
+
+
+#: FPIR targets of the calibration by gallery size (0.1: the joint engine's default threshold)
+GALLERY_SIZE_FPIRS = ("0.1", "0.01")
+
+
+def _by_gallery_size(scores: dict, nonmated_best: np.ndarray) -> dict | None:
+    """The calibration by gallery size (:func:`jointface.calibration.thresholds_by_gallery_size`) at each FPIR of
+    ``GALLERY_SIZE_FPIRS``; None when the score matrices do not reproduce the gallery's own best scores (an
+    engine whose search scores people otherwise)."""
+    from jointface.calibration import thresholds_by_gallery_size
+
+    matrices = scores["matrices"]
+    with warnings.catch_warnings():  # a stranger without a face: an all-NaN row
+        warnings.simplefilter("ignore", RuntimeWarning)
+        best = np.nanmax(matrices["nonmated"], axis=1) if matrices["nonmated"].shape[1] else None
+    if best is None or not np.allclose(best, nonmated_best, atol=1e-4, equal_nan=True):
+        return None
+    return {fpir: thresholds_by_gallery_size(matrices["nonmated"], float(fpir), mated_scores=matrices["mated"],
+                                             mated_people=matrices["mated_people"])
+            for fpir in GALLERY_SIZE_FPIRS}
+
+
+def _plot_by_gallery_size(sized: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, tables in sized.items():
+        for fpir, style in zip(GALLERY_SIZE_FPIRS, ("-", "--")):
+            rows = tables[fpir]
+            people = [row["people"] for row in rows]
+            left.plot(people, [row["threshold"] for row in rows], style, marker=".", label=f"{name}, FPIR {fpir}")
+            right.plot(people, [row["tpir"] for row in rows], style, marker=".", label=f"{name}, FPIR {fpir}")
+    for axis, label in ((left, "threshold keeping the FPIR"), (right, "TPIR at that threshold")):
+        axis.set_xscale("log")
+        axis.set_xlabel("people in the gallery")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    fig.suptitle("P2: open-set thresholds and TPIR by gallery size (random sub-galleries of P2's gallery)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def markdown_p2(result: dict) -> str:
@@ -254,6 +338,19 @@ def _p2_details(result: dict) -> str:
                  + plots.markdown_table(calibration, row_header="engine",
                                         formats={c: ("{:.3f}" if c.startswith("threshold") else fmt_percent)
                                                  for row in calibration.values() for c in row}))
+    sized = {name: row["by_gallery_size"] for name, row in figures.items() if row.get("by_gallery_size")}
+    if sized:
+        table = {}
+        for name, tables in sized.items():
+            for fpir, rows in tables.items():
+                table[f"{name}, FPIR {fpir}"] = {f"{row['people']} people": f"{row['threshold']:.3f} / "
+                                                 f"{row['fpir_held_out']:.1%} / {row['tpir']:.1%}" for row in rows}
+        text += ("\nCalibration by gallery size (random sub-galleries of P2's gallery, 20 per size; threshold / "
+                 "held-out FPIR / TPIR of mated probes among their person and the others drawn). A stranger's "
+                 "best score grows with the number of people it meets, so a small gallery keeps the same FPIR "
+                 "at a lower threshold; the joint engine's default threshold follows this table "
+                 "(`jointface bench report` writes it into the weights card):\n\n"
+                 + plots.markdown_table(table, row_header="engine"))
     transfer = {name: {"people": row["transfer"]["people"],
                        "nearest neighbour (enrol only)": row["transfer"]["nearest_neighbour_accuracy"],
                        "classifier retrained on frozen embeddings": row["transfer"]["retrained_classifier_accuracy"]}

@@ -100,6 +100,13 @@ def write_weights_card(results_dir: Path) -> Path | None:
             card["default_threshold_source"] = (
                 f"P2 calibration (FPIR {DEFAULT_THRESHOLD_FPIR} on held-out strangers against a gallery of "
                 f"{figures.get('gallery_enrolled')} people; smaller galleries accept fewer strangers)")
+            rows = (figures.get("by_gallery_size") or {}).get(DEFAULT_THRESHOLD_FPIR)
+            if rows:  # the default for the gallery at hand (JointEngine.default_threshold_for)
+                card["thresholds_by_gallery_size"] = {
+                    "fpir": float(DEFAULT_THRESHOLD_FPIR), "people": [row["people"] for row in rows],
+                    "threshold": [row["threshold"] for row in rows],
+                    "source": f"P2 calibration at FPIR {DEFAULT_THRESHOLD_FPIR} in random sub-galleries of P2's "
+                              f"{figures.get('gallery_enrolled')} people ({p2_path.as_posix()})"}
     p6_card = _p6b_card(results_dir / "p6.json", version)
     if p6_card:
         card["p6b"] = p6_card

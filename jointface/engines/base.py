@@ -85,6 +85,16 @@ class Engine(abc.ABC):
         """Every face in each of several images (engines may batch this)."""
         return [self.detect(image) for image in images]
 
+    def default_threshold_for(self, people: int) -> tuple[float, str | None]:
+        """The threshold for a gallery of ``people`` people when none was calibrated or given, and where it
+        comes from (None: the engine's fixed default, whatever the gallery's size)."""
+        return self.default_threshold, getattr(self, "threshold_source", None)
+
+    @property
+    def sized_thresholds(self) -> bool:
+        """Whether :meth:`default_threshold_for` depends on the number of people (so callers count them)."""
+        return False
+
     @property
     def space(self) -> EmbeddingSpace:
         """The embedding space of this engine's vectors: faces of two spaces never compare."""

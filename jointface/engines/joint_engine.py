@@ -107,6 +107,8 @@ class JointEngine(Engine):
                          "training_steps": training.get("step"), "validation": training.get("metrics") or {},
                          "continued_from": (training.get("config") or {}).get("init_weights")}
         self.default_threshold, self.threshold_source = self._card_threshold(path, self._version)
+        #: the card's thresholds for galleries of each size (``{"people", "threshold", "fpir", "source"}``) or None
+        self.gallery_size_thresholds = self._card_sized_thresholds(path, self._version)
         #: the detection operating point of these weights (the card's ``detection`` section, written by
         #: ``benchmarks/detection_threshold/sweep.py --write-card``), or the class defaults
         self.detection_point = self._card_detection(path, self._version)
@@ -201,6 +203,40 @@ class JointEngine(Engine):
         except (OSError, ValueError, TypeError, AttributeError):
             pass
         return cls.default_threshold, "fixed default"
+
+    @staticmethod
+    def _card_sized_thresholds(path: Path, version: str) -> dict | None:
+        """The card's ``thresholds_by_gallery_size`` when the card describes these weights and the table reads."""
+        from jointface.calibration import threshold_for_gallery
+
+        try:
+            card = json.loads(path.with_suffix(".json").read_text())
+            table = card["thresholds_by_gallery_size"] if card.get("version") == version else None
+            if table is not None:
+                threshold_for_gallery(table, 1)  # a table that does not read is no table
+            return table
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return None
+
+    @property
+    def sized_thresholds(self) -> bool:
+        return self.gallery_size_thresholds is not None
+
+    def default_threshold_for(self, people: int) -> tuple[float, str | None]:
+        """The card's threshold for a gallery of ``people`` people (P2's calibration in sub-galleries of that
+        size, interpolated in log(people)), else the card's single default."""
+        from jointface.calibration import threshold_for_gallery
+
+        table = self.gallery_size_thresholds
+        if table is None:
+            return self.default_threshold, self.threshold_source
+        sizes = table["people"]
+        where = (f"{people} people" if sizes[0] <= people <= sizes[-1] else
+                 f"{people} people, below the smallest calibrated size {sizes[0]}: its threshold"
+                 if people < sizes[0] else
+                 f"{people} people, above the largest calibrated size {sizes[-1]}: its threshold, "
+                 f"which accepts more strangers than FPIR {table.get('fpir')} here")
+        return threshold_for_gallery(table, people), f"{table.get('source', 'weights card')}, for {where}"
 
     @classmethod
     def _card_detection(cls, path: Path, version: str) -> dict:
