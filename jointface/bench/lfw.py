@@ -343,10 +343,13 @@ def _p2_details(result: dict) -> str:
         table = {}
         for name, tables in sized.items():
             for fpir, rows in tables.items():
-                table[f"{name}, FPIR {fpir}"] = {f"{row['people']} people": f"{row['threshold']:.3f} / "
-                                                 f"{row['fpir_held_out']:.1%} / {row['tpir']:.1%}" for row in rows}
+                table[f"{name}, FPIR {fpir}"] = {
+                    (f"{row['people']} people" if i < len(rows) - 1 else "whole gallery"):
+                    f"{row['threshold']:.3f} / {row['fpir_held_out']:.1%} / {row['tpir']:.1%}"
+                    for i, row in enumerate(rows)}
         text += ("\nCalibration by gallery size (random sub-galleries of P2's gallery, 20 per size; threshold / "
-                 "held-out FPIR / TPIR of mated probes among their person and the others drawn). A stranger's "
+                 "held-out FPIR / TPIR of mated probes among their person and the others drawn; the whole gallery: P2's own "
+                 "calibration). A stranger's "
                  "best score grows with the number of people it meets, so a small gallery keeps the same FPIR "
                  "at a lower threshold; the joint engine's default threshold follows this table "
                  "(`jointface bench report` writes it into the weights card):\n\n"
