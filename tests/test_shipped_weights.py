@@ -85,7 +85,14 @@ def test_jointface_search_finds_two_faces(run_cli, knn_dir, tmp_path):
     ("jointface-onnx", 0.99, 0.999),  # ONNX Runtime convolutions: fp32, other summation order
 ])
 def test_fast_paths_match_the_reference_path(lfw_dir, fast_name, min_iou, min_cosine):
-    """The default engine and the bf16 path against the network exactly as trained, on real faces."""
+    """The default engine and the bf16 path against the network exactly as trained, on real faces.
+
+    Each fast path's best face of a photo is the reference's (box and embedding within the bounds) on at
+    least 38 of 40 LFW photos, and its boxes agree on average. Not on every photo: int8 rounding
+    sometimes ranks two close candidates the other way, and then the best face is another box (measured
+    on 236 other LFW photos: 2 outside the bounds for the int8 models of both the eighth session's weights
+    and the fourth's, one of them a different face altogether).
+    """
     import numpy as np
 
     from jointface.bench.metrics import box_iou_np
@@ -94,13 +101,16 @@ def test_fast_paths_match_the_reference_path(lfw_dir, fast_name, min_iou, min_co
 
     reference, fast = get_engine("jointface-reference"), get_engine(fast_name)
     assert reference.version == fast.version  # one gallery compatibility key: the weights
-    people = sorted(p for p in lfw_dir.iterdir() if p.is_dir())[:40:4]
+    people = sorted(p for p in lfw_dir.iterdir() if p.is_dir())[:160:4]
     images = [resize_shorter_side(load_image(sorted(p.glob("*.jpg"))[0]), 320) for p in people]
+    ious, within = [], 0
     for ref_faces, fast_faces in zip(reference.detect_batch(images), fast.detect_batch(images)):
         assert ref_faces and fast_faces
         ref, quick = ref_faces[0], fast_faces[0]
-        assert box_iou_np(np.array([ref.box]), np.array([quick.box]))[0, 0] > min_iou
-        assert float(np.dot(ref.embedding, quick.embedding)) > min_cosine
+        ious.append(box_iou_np(np.array([ref.box]), np.array([quick.box]))[0, 0])
+        within += ious[-1] > min_iou and float(np.dot(ref.embedding, quick.embedding)) > min_cosine
+    assert len(ious) == 40 and within >= 38, f"{within} of 40 photos within IoU {min_iou} and cosine {min_cosine}"
+    assert np.median(ious) > 0.98
 
 
 def test_flip_engine_sees_a_photo_and_its_mirror_alike(lfw_dir):
