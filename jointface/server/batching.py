@@ -81,6 +81,14 @@ class DetectionBatcher:
     def threshold_source(self):
         return getattr(self.engine, "threshold_source", None)
 
+    @property
+    def sized_thresholds(self) -> bool:
+        return self.engine.sized_thresholds
+
+    def default_threshold_for(self, people: int):
+        """The engine's default threshold for a gallery of ``people`` (see ``Engine.default_threshold_for``)."""
+        return self.engine.default_threshold_for(people)
+
     def submit(self, image: np.ndarray) -> Future:
         future: Future = Future()
         try:
