@@ -255,10 +255,9 @@ def resolve_threshold(gallery: Gallery, engine: Engine, explicit: float | None) 
     calibrated, info = gallery.threshold(engine.name)
     if calibrated is not None and info.get("engine_version") in (None, engine.version):
         return Threshold(calibrated, "calibrated")
-    if engine.sized_thresholds:  # the default follows the number of people this engine's faces name
-        value, detail = engine.default_threshold_for(gallery.people_count(engine.name, engine.version))
-    else:
-        value, detail = engine.default_threshold, getattr(engine, "threshold_source", None)
+    # the default may follow the number of people this engine's faces name (counted only then)
+    people = gallery.people_count(engine.name, engine.version) if engine.sized_thresholds else 0
+    value, detail = engine.default_threshold_for(people)
     return Threshold(float(value), "engine default" + (f": {detail}" if detail else ""))
 
 

@@ -29,6 +29,21 @@ SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "jointface.pt"
 SHIPPED_BUDGET_MB = 50
 
 
+def read_card(weights_path: str | os.PathLike, version: str | None = None) -> dict:
+    """The card beside a weights file (``<weights>.json``: measured figures, thresholds, the detection
+    operating point) as a dict; ``{}`` when there is none, it does not read, or (given ``version``) it
+    describes other weights."""
+    import json
+
+    try:
+        card = json.loads(Path(weights_path).with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(card, dict) or (version is not None and card.get("version") != version):
+        return {}
+    return card
+
+
 class WeightsError(ValueError):
     """A weights file is missing, not JointFace's, or unsafe to load."""
 

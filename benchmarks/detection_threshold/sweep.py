@@ -40,6 +40,7 @@ from jointface.datasets.protocols import require_shared_data
 from jointface.datasets.protocols import p1_split
 from jointface.engines import get_engine
 from jointface.imageio import load_image, load_image_reduced, resize_shorter_side
+from jointface.weights_file import read_card
 
 THRESHOLDS = [round(t, 2) for t in np.arange(0.20, 0.901, 0.05)]
 
@@ -175,12 +176,7 @@ def write_card(weights: Path, version: str, point: dict, source: str) -> Path:
     """Write ``point`` as the ``detection`` section of the card beside ``weights`` (a card of other weights
     is replaced by a card of these; the other sections of a card of these weights are kept)."""
     path = weights.with_suffix(".json")
-    try:
-        card = json.loads(path.read_text())
-    except (OSError, ValueError):
-        card = {}
-    if not isinstance(card, dict) or card.get("version") != version:
-        card = {"weights": weights.name, "version": version}
+    card = read_card(weights, version) or {"weights": weights.name, "version": version}
     card["detection"] = {"conf_threshold": point["conf_threshold"],
                          "large_face_threshold": point["large_face_threshold"],
                          "large_face_side": point["large_face_side"], "source": source}

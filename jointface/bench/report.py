@@ -126,13 +126,10 @@ def write_weights_card(results_dir: Path) -> Path | None:
 
 def _detection_point(card_path: Path, version: str) -> dict | None:
     """The ``detection`` section of the card at ``card_path`` when that card describes ``version``."""
-    try:
-        card = json.loads(card_path.read_text())
-    except (OSError, ValueError):
-        return None
-    if isinstance(card, dict) and card.get("version") == version and isinstance(card.get("detection"), dict):
-        return card["detection"]
-    return None
+    from jointface.weights_file import read_card
+
+    detection = read_card(card_path, version).get("detection")
+    return detection if isinstance(detection, dict) else None
 
 
 def _p6b_card(path: Path, version: str) -> dict | None:

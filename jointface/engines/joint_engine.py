@@ -26,14 +26,13 @@ galleries never mix embeddings of different weights.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from jointface.weights_file import WeightsError, default_weights_path, load_weights
+from jointface.weights_file import WeightsError, default_weights_path, load_weights, read_card
 
 from .base import Engine, Face, check_image
 
@@ -106,12 +105,13 @@ class JointEngine(Engine):
         self.training = {"identity_heads": list((training.get("config") or {}).get("identity_heads") or []),
                          "training_steps": training.get("step"), "validation": training.get("metrics") or {},
                          "continued_from": (training.get("config") or {}).get("init_weights")}
-        self.default_threshold, self.threshold_source = self._card_threshold(path, self._version)
+        card = read_card(path, self._version)  # {} for no card, a damaged one or one of other weights
+        self.default_threshold, self.threshold_source = self._card_threshold(card)
         #: the card's thresholds for galleries of each size (``{"people", "threshold", "fpir", "source"}``) or None
-        self.gallery_size_thresholds = self._card_sized_thresholds(path, self._version)
+        self.gallery_size_thresholds = self._card_sized_thresholds(card)
         #: the detection operating point of these weights (the card's ``detection`` section, written by
         #: ``benchmarks/detection_threshold/sweep.py --write-card``), or the class defaults
-        self.detection_point = self._card_detection(path, self._version)
+        self.detection_point = self._card_detection(card, path.with_suffix(".json"))
         self._classifier = _classifier_from(payload.get("identity_heads") or {})
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -189,33 +189,31 @@ class JointEngine(Engine):
             return None
 
     @classmethod
-    def _card_threshold(cls, path: Path, version: str) -> tuple[float, str]:
-        """The default rejection threshold: from the weights card beside the weights when it describes them.
+    def _card_threshold(cls, card: dict) -> tuple[float, str]:
+        """The default rejection threshold: from the weights card of these weights (:func:`read_card`).
 
         ``jointface bench report`` writes the card (``<weights>.json``) with
         P2's calibrated threshold; a card of other weights, or none, leaves the
         fixed class default.
         """
         try:
-            card = json.loads(path.with_suffix(".json").read_text())
-            if card.get("version") == version and card.get("default_threshold") is not None:
+            if card.get("default_threshold") is not None:
                 return float(card["default_threshold"]), str(card.get("default_threshold_source", "weights card"))
-        except (OSError, ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError):
             pass
         return cls.default_threshold, "fixed default"
 
     @staticmethod
-    def _card_sized_thresholds(path: Path, version: str) -> dict | None:
-        """The card's ``thresholds_by_gallery_size`` when the card describes these weights and the table reads."""
+    def _card_sized_thresholds(card: dict) -> dict | None:
+        """The card's ``thresholds_by_gallery_size`` when the table reads (else None)."""
         from jointface.calibration import threshold_for_gallery
 
+        table = card.get("thresholds_by_gallery_size")
         try:
-            card = json.loads(path.with_suffix(".json").read_text())
-            table = card["thresholds_by_gallery_size"] if card.get("version") == version else None
             if table is not None:
                 threshold_for_gallery(table, 1)  # a table that does not read is no table
             return table
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        except (ValueError, TypeError, KeyError, AttributeError):
             return None
 
     @property
@@ -238,10 +236,10 @@ class JointEngine(Engine):
                  f"which accepts more strangers than FPIR {table.get('fpir')} here")
         return threshold_for_gallery(table, people), f"{table.get('source', 'weights card')}, for {where}"
 
-    @classmethod
-    def _card_detection(cls, path: Path, version: str) -> dict:
+    @staticmethod
+    def _card_detection(card: dict, card_path: Path) -> dict:
         """The card's detection operating point (``conf_threshold``, ``large_face_threshold``,
-        ``large_face_side``, ``source``) when the card beside the weights describes them, else ``{}``.
+        ``large_face_side``, ``source``), else ``{}``.
 
         Each network's confidences are calibrated its own way, so the point
         belongs to the weights file (chosen by ``benchmarks/detection_threshold/
@@ -249,21 +247,16 @@ class JointEngine(Engine):
         class defaults. A value out of [0, 1] is refused loudly: it would
         silently keep every face or none.
         """
-        try:
-            card = json.loads(path.with_suffix(".json").read_text())
-        except (OSError, ValueError):
-            return {}
-        if not isinstance(card, dict) or card.get("version") != version or not isinstance(card.get("detection"), dict):
+        if not isinstance(card.get("detection"), dict):
             return {}
         point = dict(card["detection"])
         for key in ("conf_threshold", "large_face_threshold"):
             value = point.get(key)
             if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-                raise WeightsError(f"{path.with_suffix('.json')}: detection {key} must be a confidence in [0, 1], "
-                                   f"not {value!r}")
+                raise WeightsError(f"{card_path}: detection {key} must be a confidence in [0, 1], not {value!r}")
         side = point.get("large_face_side")
         if side is not None and not (isinstance(side, (int, float)) and side > 0):
-            raise WeightsError(f"{path.with_suffix('.json')}: detection large_face_side must be a positive number "
+            raise WeightsError(f"{card_path}: detection large_face_side must be a positive number "
                                f"of input pixels, not {side!r}")
         return point
 

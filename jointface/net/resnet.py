@@ -161,14 +161,15 @@ def build_resnet(name: str, num_classes: int = 0) -> ResNet:
     return ResNet(spec.block, spec.layers, num_classes=num_classes, base_width=spec.base_width)
 
 
-def resnet_stage(name: str, stage: int, planes: int) -> nn.Sequential:
-    """Stage ``stage`` (1-4) of backbone ``name`` with ``planes`` planes instead of its own (same blocks, same
-    stride, same input channels): a narrower copy of one stage, freshly initialised as :class:`ResNet` does."""
+def resnet_stage(name: str, stage: int, planes: int | None = None) -> nn.Sequential:
+    """Stage ``stage`` (1-4) of backbone ``name``, freshly initialised as :class:`ResNet` does, with its own
+    planes or ``planes`` instead (same blocks, same stride, same input channels: e.g. a narrower copy)."""
     if name not in RESNET_SPECS:
         raise ValueError(f"unknown backbone {name!r}; choose one of: {', '.join(sorted(RESNET_SPECS))}")
+    spec = RESNET_SPECS[name]
+    planes = spec.base_width * 2 ** (stage - 1) if planes is None else planes
     if stage not in (1, 2, 3, 4) or planes < 1:
         raise ValueError(f"a stage is 1-4 with at least one plane: stage {stage!r}, planes {planes!r}")
-    spec = RESNET_SPECS[name]
     inplanes = spec.base_width * 2 ** (stage - 2) * spec.block.expansion if stage > 1 else spec.base_width
     layer = make_stage(spec.block, inplanes, planes, spec.layers[stage - 1], stride=1 if stage == 1 else 2)
     for module in layer.modules():

@@ -241,11 +241,9 @@ class JointNetV2(nn.Module):
         #: they start as copies of the backbone's (:meth:`split_identity_stages`)
         self.identity_backbone = nn.ModuleDict()
         if record.identity_stages:
-            spare = build_resnet(record.backbone, num_classes=0)
-            for stage in record.identity_stages:
-                self.identity_backbone[f"layer{stage}"] = getattr(spare, f"layer{stage}")
-            if record.identity_stage_width:
-                self.identity_backbone["layer3"] = resnet_stage(record.backbone, 3, record.identity_stage_width)
+            for stage in record.identity_stages:  # stage 3 narrower with identity_stage_width
+                planes = record.identity_stage_width if stage == 3 and record.identity_stage_width else None
+                self.identity_backbone[f"layer{stage}"] = resnet_stage(record.backbone, stage, planes)
         #: training option: no gradient through the stem and the first N residual stages (0-3); their
         #: backward is most of a step's cost on a CPU. Set by the training run, never stored
         self.frozen_stages = 0
