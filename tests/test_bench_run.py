@@ -114,7 +114,7 @@ def test_bench_p4_subset_profiles_the_joint_engine_steps(run_cli, tmp_path):
     assert all(rate > 0 for rate in rates.values())
     profile = data["step_profile_ms_per_image"]["jointface"]
     for steps in profile.values():
-        assert set(steps) == {"letterbox", "normalise", "network", "decode_nms", "to_faces", "gallery_search"}
+        assert set(steps) == {"letterbox", "network", "decode_nms", "to_faces", "gallery_search"}
         assert steps["network"] > 0 and all(value >= 0 for value in steps.values())
     # the 640 px mosaics run the network at 320 px input: their network step costs more than a single photo's
     assert profile["mosaic_640"]["network"] > profile["single_320"]["network"]

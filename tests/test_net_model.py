@@ -10,8 +10,8 @@ import torch
 from jointface.engines.joint_engine import JointEngine, WeightsError, default_weights_path
 from jointface.net.loss import joint_losses, total_loss
 from jointface.net.matching import FaceTargets, match_faces
-from jointface.net.model import (JointNet, JointOutput, ModelRecord, build_identity_heads, letterbox, postprocess,
-                                  resize_bilinear)
+from jointface.net.model import (JointNet, JointOutput, ModelRecord, build_identity_heads, images_to_tensor, letterbox,
+                                  letterbox_batch, postprocess, resize_bilinear)
 from jointface.net.resnet import build_resnet, load_torchvision_weights, resnet18, resnet34, resnet50
 
 
@@ -160,6 +160,20 @@ def test_letterbox_maps_boxes_back():
     assert placement.scale == pytest.approx(0.32) and placement.pad_x == 0 and placement.pad_y == 16
     back = placement.to_original(np.array([[0.0, 16.0, 32.0, 32.0]]), 200, 100)
     assert np.allclose(back, [[0, 0, 100, 50]])
+
+
+def test_letterbox_batch_is_letterbox_then_normalise():
+    rng = np.random.default_rng(1)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    images = [rng.integers(0, 256, size=shape, dtype=np.uint8) for shape in ((320, 320, 3), (100, 200, 3),
+                                                                               (250, 90, 3), (64, 64, 3))]
+    images[0].setflags(write=False)  # decoded photos are read-only
+    for size in (64, 96):
+        batch, placements = letterbox_batch(images, size, mean, std)
+        placed = [letterbox(image, size) for image in images]
+        assert batch.shape == (4, 3, size, size) and batch.is_contiguous() and batch.dtype == torch.float32
+        assert torch.equal(batch, images_to_tensor([canvas for canvas, _ in placed], mean, std))
+        assert placements == [placement for _, placement in placed]
 
 
 def test_resize_bilinear_is_pil_bilinear():

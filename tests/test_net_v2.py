@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from jointface.net.anchors import AnchorGrid
 from jointface.net.v2 import (DetectionsV2, JointNetV2, ModelRecordV2, all_anchors, decode_v2, faces_from_maps,
@@ -39,6 +40,31 @@ def test_roi_align_by_hand():
     pooled = roi_align(features, torch.tensor([[8.0, 8.0, 24.0, 24.0]]), torch.tensor([0]), 8, 2, sampling=2)
     assert torch.allclose(pooled[0, 0], torch.tensor([[1.0, 2.0], [1.0, 2.0]]))
     assert roi_align(features, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 8, 2).shape == (0, 1, 2, 2)
+
+
+def test_roi_align_is_grid_sampling_then_averaging():
+    # the reference: each face's sample points read by F.grid_sample (zero outside the map), then the mean of
+    # each bin's sampling x sampling samples; boxes inside, across the edges and wholly outside the map
+    torch.manual_seed(0)
+    features = torch.randn(3, 5, 12, 10, dtype=torch.float64)
+    corner = torch.rand(40, 2, dtype=torch.float64) * 120 - 20
+    boxes = torch.cat((corner, corner + torch.rand(40, 2, dtype=torch.float64) * 60 + 2), 1)
+    boxes[0] = torch.tensor([-50.0, -50.0, -20.0, -10.0])
+    image_idx = torch.randint(0, 3, (40,))
+    stride, size, sampling = 8, 4, 2
+    points = size * sampling
+    steps = (torch.arange(points, dtype=torch.float64) + 0.5) / points
+    for face in range(40):
+        x1, y1, x2, y2 = boxes[face]
+        gx = ((x1 + (x2 - x1) * steps) / (stride * 10)) * 2 - 1  # align_corners=False: -1 is pixel 0's left edge
+        gy = ((y1 + (y2 - y1) * steps) / (stride * 12)) * 2 - 1
+        grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)[None]
+        sampled = F.grid_sample(features[image_idx[face]][None], grid, align_corners=False)
+        expected = F.avg_pool2d(sampled, sampling)[0]
+        got = roi_align(features, boxes[face:face + 1], image_idx[face:face + 1], stride, size, sampling)[0]
+        assert torch.allclose(got, expected, atol=1e-10), face
+    together = roi_align(features, boxes, image_idx, stride, size, sampling)
+    assert together.shape == (40, 5, size, size) and bool((together[0] == 0).all())
 
 
 def test_each_face_goes_to_the_level_of_its_size():

@@ -320,7 +320,7 @@ class JointEngine(Engine):
         """Every face of each image (one network pass for the batch).
 
         ``timings``, when given, accumulates the seconds spent in each step:
-        ``letterbox`` (resize + pad), ``normalise`` (to a float tensor),
+        ``letterbox`` (resize, pad and normalise into the network's input),
         ``network``, ``decode_nms`` (box decoding, threshold, NMS) and
         ``to_faces`` (back to image pixels); P4 reports them.
         """
@@ -328,7 +328,7 @@ class JointEngine(Engine):
 
         import torch
 
-        from jointface.net.model import images_to_tensor, merge_flipped, postprocess
+        from jointface.net.model import merge_flipped, postprocess
 
         if len(images) == 0:
             return []
@@ -340,14 +340,13 @@ class JointEngine(Engine):
                 timings[step] = timings.get(step, 0.0) + now - clock["now"]
             clock["now"] = now
 
-        images, placed = self._place(images)
-        lap("letterbox")
-        batch = images_to_tensor([canvas for canvas, _ in placed], self.record.mean, self.record.std).to(self.device)
+        images, batch, placed = self._place(images)
+        batch = batch.to(self.device)
         if self.flip:  # the mirrored canvases ride in the same batch
             batch = torch.cat([batch, batch.flip(-1)])
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        lap("normalise")
+        lap("letterbox")
         if self.architecture == "v2":
             return self._detect_v2(images, placed, batch, lap)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -359,7 +358,7 @@ class JointEngine(Engine):
                           for found, mirrored in zip(detections[:len(images)], detections[len(images):])]
         lap("decode_nms")
         results = []
-        for image, (_, placement), found in zip(images, placed, detections):
+        for image, placement, found in zip(images, placed, detections):
             height, width = image.shape[:2]
             boxes = placement.to_original(found.boxes.float().cpu().numpy(), width, height)
             embeddings = found.embeddings.float().cpu().numpy().astype(np.float32)
@@ -398,7 +397,7 @@ class JointEngine(Engine):
                 found = self._flip_v2(maps, count, batch.shape[-1])
         lap("decode_nms")
         results = []
-        for image, (_, placement), faces in zip(images, placed, found):
+        for image, placement, faces in zip(images, placed, found):
             height, width = image.shape[:2]
             boxes = placement.to_original(faces.boxes.float().cpu().numpy(), width, height)
             results.append([
@@ -449,19 +448,18 @@ class JointEngine(Engine):
         return {"large_threshold": self.large_face_threshold, "large_side": self.large_face_side or 0.0}
 
     def _place(self, images: Sequence[np.ndarray]):
-        """Checked images and their letterboxed canvases with placements, at the input size for the batch."""
-        from jointface.net.model import letterbox
+        """Checked images, the network's input made of them (letterboxed at the input size for the batch and
+        normalised) and each image's placement on it."""
+        from jointface.net.model import letterbox_batch
 
         images = [check_image(image) for image in images]
         size = self.input_size or self.network_input_size(max(max(image.shape[:2]) for image in images))
-        return images, [letterbox(image, size) for image in images]
+        batch, placements = letterbox_batch(images, size, self.record.mean, self.record.std)
+        return images, batch, placements
 
     def network_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """The float32 ``(B, 3, S, S)`` network input :meth:`detect_batch` makes of ``images``."""
-        from jointface.net.model import images_to_tensor
-
-        _, placed = self._place(images)
-        return images_to_tensor([canvas for canvas, _ in placed], self.record.mean, self.record.std).numpy()
+        return self._place(images)[1].numpy()
 
     def describe(self) -> dict:
         return {**super().describe(), "architecture": self.architecture, "backbone": self.record.backbone,

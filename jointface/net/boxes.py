@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -89,22 +90,28 @@ class BoxCoder:
         return cxcywh_to_xyxy(torch.cat((xy, wh), dim=-1))
 
 
-def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
+        groups: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy non-maximum suppression in plain torch.
 
     ``boxes`` ``(N, 4)`` xyxy, ``scores`` ``(N,)``. Returns the indices of the
     kept boxes, highest score first; a box is dropped when its IoU with an
     already kept, higher-scoring box is > ``iou_threshold``. Ties in score keep
-    the lower index first (stable sort), like torchvision.
+    the lower index first (stable sort), like torchvision. With ``groups``
+    ``(N,)`` (e.g. each box's image in a batch) only boxes of one group
+    suppress each other.
     """
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
     order = torch.sort(scores, descending=True, stable=True).indices
-    iou = box_iou(boxes[order], boxes[order])
-    suppressed = torch.zeros(len(order), dtype=torch.bool)
-    overlaps = (iou > iou_threshold).cpu()
+    overlaps = box_iou(boxes[order], boxes[order]) > iou_threshold
+    if groups is not None:
+        ordered = groups[order]
+        overlaps &= ordered[:, None] == ordered[None, :]
+    overlaps = overlaps.cpu().numpy()
+    suppressed = np.zeros(len(order), dtype=bool)
     keep = []
-    for position in range(len(order)):  # N is small after the confidence threshold
+    for position in range(len(order)):  # N is small after the confidence threshold; numpy, not torch, per step
         if suppressed[position]:
             continue
         keep.append(position)
@@ -114,15 +121,9 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, group_ids: torch.Tensor,
                 iou_threshold: float) -> torch.Tensor:
-    """NMS independently within each group (e.g. image index of a flattened batch).
-
-    Boxes of different groups are shifted apart so they never overlap, then a
-    single :func:`nms` runs. Returns kept indices, highest score first.
-    """
-    if boxes.numel() == 0:
-        return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    offset = group_ids.to(boxes.dtype)[:, None] * (boxes.max() - boxes.min() + 1)
-    return nms(boxes + offset, scores, iou_threshold)
+    """NMS independently within each group (e.g. image index of a flattened batch): :func:`nms` with
+    ``groups``. Returns kept indices, highest score first."""
+    return nms(boxes, scores, iou_threshold, groups=group_ids)
 
 
 def logit(probability: float) -> float:

@@ -312,30 +312,47 @@ class Letterbox:
         return boxes
 
 
+def _resized_chw(image: np.ndarray, width: int, height: int) -> torch.Tensor:
+    """``(H, W, 3)`` uint8 -> ``(3, height, width)`` uint8 tensor (a channels-last view), PIL's ``BILINEAR``
+    filter (antialiased when shrinking) done by torch on uint8; the image itself when the size is its own."""
+    with warnings.catch_warnings():  # decoded photos are read-only arrays; they are only read here
+        warnings.simplefilter("ignore", UserWarning)
+        pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]  # a view, channels-last
+    if pixels.shape[-2:] != (height, width):
+        pixels = F.interpolate(pixels, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return pixels[0]
+
+
 def resize_bilinear(image: np.ndarray, width: int, height: int) -> np.ndarray:
     """``(H, W, 3)`` uint8 -> ``(height, width, 3)`` uint8, PIL's ``BILINEAR`` filter (antialiased when
     shrinking) done by torch on uint8: PIL's pixels to one grey level in a few values
     (``test_resize_bilinear_is_pil_bilinear``), faster (P4's step profile: letterbox 1.55 -> 0.90 ms per
     320 px photo)."""
-    with warnings.catch_warnings():  # decoded photos are read-only arrays; they are only read here
-        warnings.simplefilter("ignore", UserWarning)
-        pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]  # a view, channels-last
-    resized = F.interpolate(pixels, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
-    return resized[0].permute(1, 2, 0).numpy()
+    return _resized_chw(image, width, height).permute(1, 2, 0).numpy()
 
 
-def letterbox(image: np.ndarray, size: int, fill: Sequence[int] = (124, 116, 104)) -> tuple[np.ndarray, Letterbox]:
-    """Resize ``(H, W, 3)`` uint8 so the longer side is ``size``, centred on a ``size x size`` canvas."""
-    height, width = image.shape[:2]
+#: the colour of the letterbox's borders (about the ImageNet mean)
+LETTERBOX_FILL = (124, 116, 104)
+
+
+def _placement(height: int, width: int, size: int) -> tuple[int, int, Letterbox]:
+    """Resized width, height and placement of an image whose longer side becomes ``size``, centred."""
     scale = size / max(height, width)
     new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    return new_w, new_h, Letterbox(new_w / width, (size - new_w) // 2, (size - new_h) // 2)
+
+
+def letterbox(image: np.ndarray, size: int, fill: Sequence[int] = LETTERBOX_FILL) -> tuple[np.ndarray, Letterbox]:
+    """Resize ``(H, W, 3)`` uint8 so the longer side is ``size``, centred on a ``size x size`` canvas."""
+    height, width = image.shape[:2]
+    new_w, new_h, placement = _placement(height, width, size)
     if (new_w, new_h) != (width, height):
         image = resize_bilinear(image, new_w, new_h)
     canvas = np.empty((size, size, 3), dtype=np.uint8)
     canvas[:] = np.asarray(fill, dtype=np.uint8)
-    pad_x, pad_y = (size - new_w) // 2, (size - new_h) // 2
+    pad_x, pad_y = int(placement.pad_x), int(placement.pad_y)
     canvas[pad_y:pad_y + new_h, pad_x:pad_x + new_w] = image
-    return canvas, Letterbox(new_w / width, pad_x, pad_y)
+    return canvas, placement
 
 
 def images_to_tensor(images: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -344,6 +361,28 @@ def images_to_tensor(images: Sequence[np.ndarray], mean: Sequence[float], std: S
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     return (batch - mean_t) / std_t
+
+
+def letterbox_batch(images: Sequence[np.ndarray], size: int, mean: Sequence[float], std: Sequence[float],
+                    fill: Sequence[int] = LETTERBOX_FILL) -> tuple[torch.Tensor, list[Letterbox]]:
+    """``(H, W, 3)`` uint8 images of any sizes -> the contiguous ``(B, 3, size, size)`` float network input
+    and each image's placement: exactly ``images_to_tensor`` of their :func:`letterbox` canvases
+    (``test_letterbox_batch_is_letterbox_then_normalise``), written straight into one tensor, with the
+    normalisation done once in place over the batch (P4's step profile: 1.4 -> 0.4 ms per 320 px photo).
+    """
+    batch = torch.empty(len(images), 3, size, size)
+    batch[:] = torch.tensor([float(v) for v in fill]).view(1, 3, 1, 1)
+    placements = []
+    for index, image in enumerate(images):
+        height, width = image.shape[:2]
+        new_w, new_h, placement = _placement(height, width, size)
+        pad_x, pad_y = int(placement.pad_x), int(placement.pad_y)
+        batch[index, :, pad_y:pad_y + new_h, pad_x:pad_x + new_w] = _resized_chw(image, new_w, new_h)
+        placements.append(placement)
+    batch.div_(255.0)
+    batch.sub_(torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+    batch.div_(torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+    return batch, placements
 
 
 class Detections(NamedTuple):

@@ -140,43 +140,52 @@ class DetectionsV2(NamedTuple):
     grid_sizes: list[tuple[int, int]]
 
 
+def _tap_weights(coords: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear interpolation as weights: ``(K, P)`` feature coordinates -> ``(K, P, size)``, each row the
+    weights of the two feature cells around its coordinate (cells outside the map weigh nothing)."""
+    low = coords.floor()
+    fraction = coords - low
+    slot = low.long() + 1  # slots 0 and size + 1, one on each side of the map, take the taps outside it
+    weights = coords.new_zeros(*coords.shape, size + 2)
+    weights.scatter_add_(-1, slot.clamp(0, size + 1)[..., None], (1 - fraction)[..., None])
+    weights.scatter_add_(-1, (slot + 1).clamp(0, size + 1)[..., None], fraction[..., None])
+    return weights[..., 1:size + 1]
+
+
 def roi_align(features: torch.Tensor, boxes: torch.Tensor, image_idx: torch.Tensor, stride: int,
               output_size: int, sampling: int = 2) -> torch.Tensor:
-    """RoIAlign (Mask R-CNN) with :func:`F.grid_sample`: ``(B, C, H, W)`` map, ``(K, 4)`` xyxy boxes in input
-    pixels, ``(K,)`` image indices -> ``(K, C, output_size, output_size)``.
+    """RoIAlign (Mask R-CNN): ``(B, C, H, W)`` map, ``(K, 4)`` xyxy boxes in input pixels, ``(K,)`` image
+    indices -> ``(K, C, output_size, output_size)``.
 
     Each output bin averages ``sampling x sampling`` bilinear samples; a sample
     at input pixel ``x`` reads feature column ``x / stride - 0.5`` (pixel
-    centres), zero outside the map.
+    centres), zero outside the map. The samples form a grid, so sampling and
+    averaging are two small matrices per face, one for rows and one for
+    columns: ``rows (R, h) @ window (C, h, w) @ columns (w, R)``, on the window
+    of the map the face covers (no map is copied).
     """
-    if len(boxes) == 0:
-        return features.new_zeros(0, features.shape[1], output_size, output_size)
+    count, channels = len(boxes), features.shape[1]
+    if count == 0:
+        return features.new_zeros(0, channels, output_size, output_size)
     height, width = features.shape[-2:]
     points = output_size * sampling
     steps = (torch.arange(points, dtype=features.dtype, device=features.device) + 0.5) / points  # (P,)
     x1, y1, x2, y2 = boxes.to(features.dtype).unbind(-1)
-    xs = x1[:, None] + (x2 - x1)[:, None] * steps[None]  # (K, P) input pixels
-    ys = y1[:, None] + (y2 - y1)[:, None] * steps[None]
-    # grid_sample (align_corners=False): -1 is the left edge of column 0, i.e. input pixel 0
-    gx = xs / (stride * width) * 2 - 1
-    gy = ys / (stride * height) * 2 - 1
-    grid = torch.stack((gx[:, None, :].expand(-1, points, -1), gy[:, :, None].expand(-1, -1, points)), dim=-1)
-    # one grid per image holding its boxes' sample points one under the other (slots past an image's own
-    # boxes sample outside the map), so no box copies its image's whole map
-    batch = features.shape[0]
-    image_idx = image_idx.long()
-    counts = torch.bincount(image_idx, minlength=batch)
-    first = torch.cumsum(counts, 0) - counts  # where each image's boxes start in image order
-    order = torch.sort(image_idx, stable=True).indices
-    slot = torch.empty_like(image_idx)
-    slot[order] = torch.arange(len(image_idx), device=image_idx.device) - first[image_idx[order]]
-    slots = int(counts.max())
-    grids = grid.new_full((batch, slots, points, points, 2), -4.0)
-    grids[image_idx, slot] = grid
-    sampled = F.grid_sample(features, grids.view(batch, slots * points, points, 2), mode="bilinear",
-                            padding_mode="zeros", align_corners=False)  # (B, C, slots * P, P)
-    sampled = sampled.view(batch, -1, slots, points, points).transpose(1, 2)[image_idx, slot]  # (K, C, P, P)
-    return F.avg_pool2d(sampled, sampling) if sampling > 1 else sampled
+    xs = (x1[:, None] + (x2 - x1)[:, None] * steps[None]) / stride - 0.5  # (K, P) feature coordinates
+    ys = (y1[:, None] + (y2 - y1)[:, None] * steps[None]) / stride - 0.5
+    columns = _tap_weights(xs, width).view(count, output_size, sampling, width).mean(2)  # (K, R, W)
+    rows = _tap_weights(ys, height).view(count, output_size, sampling, height).mean(2)  # (K, R, H)
+    # the rows and columns of the map each face reads
+    window = torch.stack((ys[:, 0].floor(), ys[:, -1].floor() + 2, xs[:, 0].floor(), xs[:, -1].floor() + 2), 1)
+    window = torch.minimum(window.clamp(min=0), window.new_tensor([height, height, width, width])).long()
+    pooled = []
+    for face, (image, (top, bottom, left, right)) in enumerate(zip(image_idx.tolist(), window.tolist())):
+        if bottom <= top or right <= left:  # wholly outside the map
+            pooled.append(features.new_zeros(channels, output_size, output_size))
+            continue
+        region = features[image, :, top:bottom, left:right]
+        pooled.append(rows[face, :, top:bottom] @ region @ columns[face, :, left:right].t())
+    return torch.stack(pooled)
 
 
 def enlarge(boxes: torch.Tensor, factor: float) -> torch.Tensor:
@@ -545,22 +554,27 @@ def decode_v2(model: JointNetV2, detections: DetectionsV2, conf_threshold: float
     anchors of an image that pass a threshold are decoded."""
     anchors, strides = model.all_anchors(detections.grid_sizes)
     scores = detections.face_logits.float().sigmoid()
+    batch = scores.shape[0]
     top_scores, top_idx = scores.topk(min(pre_nms_top_k, scores.shape[1]), dim=1)
     above = top_scores >= (conf_threshold if large_threshold is None else min(conf_threshold, large_threshold))
+    # every image's candidates at once (image by image, best first), then one NMS within each image
+    image = torch.arange(batch)[:, None].expand_as(top_idx)[above]
+    candidate_scores, candidate_idx = top_scores[above], top_idx[above]
+    targets = BoxCoder.to_target_space(detections.box_raw[image, candidate_idx].float())
+    chosen, chosen_strides = anchors[candidate_idx], strides[candidate_idx, None]
+    xy = chosen[:, :2] + (targets[:, :2] - 0.5) * chosen_strides
+    wh = chosen[:, 2:] * torch.exp(targets[:, 2:].clamp(max=BoxCoder.max_log_ratio))
+    boxes = cxcywh_to_xyxy(torch.cat((xy, wh), dim=-1))
+    if large_threshold is not None:
+        large = wh.prod(dim=1).sqrt() >= large_side
+        kept = candidate_scores >= torch.where(large, large_threshold, conf_threshold)
+        boxes, candidate_scores, image = boxes[kept], candidate_scores[kept], image[kept]
+    keep = nms(boxes, candidate_scores, nms_iou, groups=image)
+    boxes, candidate_scores, image = boxes[keep], candidate_scores[keep], image[keep]
     results = []
-    for image in range(scores.shape[0]):
-        candidate_scores, candidate_idx = top_scores[image, above[image]], top_idx[image, above[image]]
-        targets = BoxCoder.to_target_space(detections.box_raw[image, candidate_idx].float())
-        chosen, chosen_strides = anchors[candidate_idx], strides[candidate_idx, None]
-        xy = chosen[:, :2] + (targets[:, :2] - 0.5) * chosen_strides
-        wh = chosen[:, 2:] * torch.exp(targets[:, 2:].clamp(max=BoxCoder.max_log_ratio))
-        boxes = cxcywh_to_xyxy(torch.cat((xy, wh), dim=-1))
-        if large_threshold is not None:
-            large = wh.prod(dim=1).sqrt() >= large_side
-            kept = candidate_scores >= torch.where(large, large_threshold, conf_threshold)
-            boxes, candidate_scores = boxes[kept], candidate_scores[kept]
-        keep = nms(boxes, candidate_scores, nms_iou)[:max_faces]
-        results.append((boxes[keep], candidate_scores[keep]))
+    for index in range(batch):
+        mine = image == index
+        results.append((boxes[mine][:max_faces], candidate_scores[mine][:max_faces]))
     return results
 
 
