@@ -344,6 +344,13 @@ def quantize(
               f"{summary['path']}: {summary['bytes'] / 1e6:.1f} MB, calibrated on {summary['photos']} photos "
               f"(sizes: {', '.join(map(str, summary['sizes']))}) at input sizes {summary['input_sizes']}",
               markup=False)
+    head = summary.get("head")
+    if head:
+        out.print(f"its identity head's int8 model written to {head['path']}: {head['bytes'] / 1e6:.1f} MB, "
+                  f"calibrated on the {head['faces']} faces found in those photos", markup=False)
+    elif "head" in summary:
+        err.print("no face found in the calibration photos: the identity head has no int8 model and runs in "
+                  "fp32 torch", markup=False)
 
 
 def _benchmark_engines() -> list[str]:

@@ -31,14 +31,15 @@ def test_weights_file_is_shipped_small_and_self_describing(lfw_dir):
 
 def test_shipped_weights_have_their_int8_model_and_the_default_engine_runs_it():
     from jointface.engines import get_engine
-    from jointface.engines.onnx_runtime import int8_model_path
+    from jointface.engines.onnx_runtime import int8_head_path, int8_model_path
 
     int8 = int8_model_path(default_weights_path())
     assert int8.is_file(), f"{int8} is missing: make it with `jointface quantize` (see the README)"
-    weights, model = default_weights_path().stat().st_size, int8.stat().st_size
-    assert weights + model <= 50 * 1024 * 1024
+    assert int8_head_path(int8).is_file(), f"{int8_head_path(int8)} is missing: `jointface quantize` makes it"
+    sizes = [path.stat().st_size for path in (default_weights_path(), int8, int8_head_path(int8))]
+    assert sum(sizes) <= 50 * 1024 * 1024
     engine = get_engine("jointface")
-    assert engine.describe()["runtime"] == "int8"
+    assert engine.describe()["runtime"] == "int8" and engine.describe()["identity_head_runtime"] == "int8"
     assert get_engine("jointface-torch").describe()["runtime"] == "torch"
 
 
@@ -284,8 +285,9 @@ def test_quantize_writes_an_int8_model_that_only_its_weights_use(run_cli, lfw_di
     result = run_cli("quantize", "--weights", weights, "--count", "16", *people)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "w.int8.onnx").is_file() and "calibrated on 16 photos" in result.stdout
+    assert (tmp_path / "w.int8-head.onnx").is_file() and "identity head's int8 model" in result.stdout
     int8, fp32 = get_engine(f"jointface-int8@{weights}"), get_engine(f"jointface-torch@{weights}")
-    assert int8.version == fp32.version
+    assert int8.version == fp32.version and int8.describe()["identity_head_runtime"] == "int8"
     images = [resize_shorter_side(load_image(sorted(p.glob("*.jpg"))[0]), 320)
               for p in sorted(p for p in lfw_dir.iterdir() if p.is_dir())[:40:4]]
     for quick, ref in zip(int8.detect_batch(images), fp32.detect_batch(images)):
@@ -300,6 +302,15 @@ def test_quantize_writes_an_int8_model_that_only_its_weights_use(run_cli, lfw_di
     shutil.copy(tmp_path / "w.int8.onnx", tmp_path / "other.int8.onnx")
     with pytest.raises(WeightsError, match="quantised from weights"):
         get_engine(f"jointface-int8@{other}")
+    # the head's model made from other weights: the head runs in torch, and says so
+    shutil.copy(weights, tmp_path / "mixed.pt")
+    quantize = run_cli("quantize", "--weights", other, "--count", "16", "--out", tmp_path / "o.int8.onnx", *people)
+    assert quantize.returncode == 0, quantize.stderr
+    shutil.copy(tmp_path / "o.int8-head.onnx", tmp_path / "mixed.int8-head.onnx")
+    shutil.copy(tmp_path / "w.int8.onnx", tmp_path / "mixed.int8.onnx")
+    with pytest.warns(RuntimeWarning, match="identity head in fp32 torch.*quantised from weights"):
+        mixed = get_engine(f"jointface-int8@{tmp_path / 'mixed.pt'}")
+    assert mixed.describe()["identity_head_runtime"] == "torch"
     (tmp_path / "other.int8.onnx").write_bytes(b"damaged")
     with pytest.raises(WeightsError, match="not a readable ONNX model"):
         get_engine(f"jointface-int8@{other}")

@@ -141,6 +141,9 @@ class JointEngine(Engine):
             self._onnx = OnnxMaps(self.model, f"{self._version}-{'fused' if self.fused else 'plain'}",
                                   threads=torch.get_num_threads())
         self.runtime = runtime
+        #: the v2 identity head's int8 model (``<weights>.int8-head.onnx``, made with the int8 model) when the
+        #: int8 path runs and it is there, else None: the head runs in torch
+        self._onnx_head = self._int8_head(runtime == "int8", torch.get_num_threads())
         if self._onnx is not None:
             channels_last = False  # ONNX Runtime takes plain contiguous arrays
         self.channels_last = bool(channels_last)
@@ -186,6 +189,22 @@ class JointEngine(Engine):
             import warnings
 
             warnings.warn(f"running the network in fp32 torch: {exc}", RuntimeWarning, stacklevel=3)
+            return None
+
+    def _int8_head(self, int8: bool, threads: int):
+        """The int8 identity head beside the int8 model this engine runs, or None (not the int8 path, not v2,
+        or an int8 model made before heads had one). One made from other weights, or damaged, is reported and
+        the head runs in torch."""
+        from .onnx_runtime import Int8ModelError, OnnxHead, int8_head_path
+
+        if not int8 or self.architecture != "v2" or not int8_head_path(self._onnx.path).is_file():
+            return None
+        try:
+            return OnnxHead(int8_head_path(self._onnx.path), self._version, threads)
+        except Int8ModelError as exc:
+            import warnings
+
+            warnings.warn(f"running the identity head in fp32 torch: {exc}", RuntimeWarning, stacklevel=3)
             return None
 
     @classmethod
@@ -392,7 +411,7 @@ class JointEngine(Engine):
         with torch.inference_mode():
             if not self.flip:
                 found = faces_from_maps(self.model, maps, self.conf_threshold, self.nms_iou, self.max_faces,
-                                        **self._large_faces())
+                                        **self._large_faces(), head=self._onnx_head)
             else:
                 found = self._flip_v2(maps, count, batch.shape[-1])
         lap("decode_nms")
@@ -435,8 +454,8 @@ class JointEngine(Engine):
         image_idx = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, (b, _) in enumerate(merged)])
         mirrored = torch.stack((width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]), dim=1)
         identity_maps = [m.float() for m in maps[3:]]
-        plain = self.model.embed([m[:count] for m in identity_maps], boxes, image_idx)
-        other = self.model.embed([m[count:] for m in identity_maps], mirrored, image_idx)
+        plain = self.model.embed([m[:count] for m in identity_maps], boxes, image_idx, head=self._onnx_head)
+        other = self.model.embed([m[count:] for m in identity_maps], mirrored, image_idx, head=self._onnx_head)
         both = F.normalize(plain + other, dim=-1)
         results, start = [], 0
         for b, sc in merged:
@@ -457,6 +476,23 @@ class JointEngine(Engine):
         batch, placements = letterbox_batch(images, size, self.record.mean, self.record.std)
         return images, batch, placements
 
+    def faces_for_head(self, batch: np.ndarray) -> np.ndarray:
+        """v2: the identity head's inputs ``(K, C, R, R)`` for the faces found in a network input batch
+        (:meth:`network_batch`), as :meth:`detect_batch` pools them (calibrates the int8 head)."""
+        import torch
+
+        from jointface.net.v2 import decode_v2
+
+        with torch.inference_mode():
+            images = torch.from_numpy(batch).to(self.device)
+            maps = self.model.forward_maps(images) if self._onnx is None else self._onnx(images)
+            maps = [m.float() for m in maps]
+            found = decode_v2(self.model, self.model.detections_from_maps(maps[:3]), self.conf_threshold,
+                              self.nms_iou, self.max_faces, **self._large_faces())
+            boxes = torch.cat([b for b, _ in found])
+            image_idx = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, (b, _) in enumerate(found)])
+            return self.model.pool_faces(maps[3:], boxes, image_idx).numpy()
+
     def network_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """The float32 ``(B, 3, S, S)`` network input :meth:`detect_batch` makes of ``images``."""
         return self._place(images)[1].numpy()
@@ -466,7 +502,8 @@ class JointEngine(Engine):
                 "input_size": self.input_size or (
                     f"auto ({self.record.input_size}-{self.MAX_INPUT_SIZE})" if self.architecture != "v2" else
                     f"auto ({self.V2_INPUT_SCALE:g} x photo, {self.record.input_size}-{self.V2_MAX_INPUT_SIZE})"),
-                "runtime": self.runtime, "flip_tta": self.flip, "bf16": self.bf16,
+                "runtime": self.runtime, "identity_head_runtime": "int8" if self._onnx_head else "torch",
+                "flip_tta": self.flip, "bf16": self.bf16,
                 "channels_last": self.channels_last, "fused_batchnorm": self.fused,
                 "conf_threshold": self.conf_threshold, "large_face_threshold": self.large_face_threshold,
                 "large_face_side": self.large_face_side,
@@ -489,13 +526,16 @@ def quantize_weights(weights: str | os.PathLike | None, photos: Sequence[str | o
     organize` does; ``None``: as they are). They are fed as the engine feeds
     them, alone (batches of 8, one size per batch) and as 2x2 mosaics of four
     (batches of 2), so the activation ranges cover the input sizes the engine
-    uses.
+    uses. For a v2 network the identity head gets an int8 model of its own
+    (``<name>.int8-head.onnx`` beside the int8 model), calibrated on the RoIs
+    of the faces the network finds in those batches.
     Use training photos, never test ones. Unreadable photos are skipped and counted.
-    Returns a summary (path, weights version, photos used, skipped, bytes).
+    Returns a summary (path, weights version, photos used, skipped, bytes; ``head``: the head's model, None
+    when no face was found to calibrate it on).
     """
     from jointface.imageio import ImageLoadError, load_image, mosaic, resize_shorter_side
 
-    from .onnx_runtime import int8_model_path, quantize_int8
+    from .onnx_runtime import int8_head_path, int8_model_path, quantize_head_int8, quantize_int8
 
     if not sizes:
         raise ValueError("no calibration sizes")
@@ -533,5 +573,9 @@ def quantize_weights(weights: str | os.PathLike | None, photos: Sequence[str | o
         batches += [engine.network_batch(mosaics[i:i + 2]) for i in range(0, len(mosaics), 2)]
     target = Path(out) if out is not None else int8_model_path(engine.weights_path)
     summary = quantize_int8(engine.model, engine.version, batches, target)
+    if engine.architecture == "v2":  # no face found at all (an untrained network): the head stays in torch
+        rois = [engine.faces_for_head(batch) for batch in batches]
+        summary["head"] = (quantize_head_int8(engine.model.identity, engine.version, rois, int8_head_path(target))
+                           if any(len(faces) for faces in rois) else None)
     return {**summary, "weights": str(engine.weights_path), "photos": readable, "skipped": skipped,
             "sizes": ["photo" if size is None else size for size in sizes]}

@@ -11,6 +11,10 @@ that graph: weights int8 per output channel, activations uint8 with ranges
 measured on calibration photos (``jointface quantize``, :func:`quantize_int8`).
 It is saved beside the weights file as ``<name>.int8.onnx`` and names the
 weights version it was made from, so it is never used with other weights.
+The v2 network's per-face identity head (two convolutions and a linear layer
+on each face's RoI-aligned features) has an int8 model of its own beside it,
+``<name>.int8-head.onnx``, calibrated on the RoIs of the faces found in the
+calibration photos (:func:`quantize_head_int8`, :class:`OnnxHead`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class Int8ModelError(ValueError):
 
 
 INT8_SUFFIX = ".int8.onnx"
+INT8_HEAD_SUFFIX = ".int8-head.onnx"
 #: ONNX metadata key naming the weights version an int8 model was quantised from
 VERSION_KEY = "jointface_weights_version"
 
@@ -40,6 +45,13 @@ def int8_model_path(weights_path: str | os.PathLike) -> Path:
     """Where the int8 model of a weights file lives: beside it, ``<name>.int8.onnx``."""
     weights_path = Path(weights_path)
     return weights_path.with_name(weights_path.name.removesuffix(".pt") + INT8_SUFFIX)
+
+
+def int8_head_path(int8_path: str | os.PathLike) -> Path:
+    """Where the int8 identity head that goes with the int8 model at ``int8_path`` lives: beside it,
+    ``<name>.int8-head.onnx``."""
+    int8_path = Path(int8_path)
+    return int8_path.with_name(int8_path.name.removesuffix(INT8_SUFFIX).removesuffix(".onnx") + INT8_HEAD_SUFFIX)
 
 
 def _session_options(ort, threads: int):
@@ -135,23 +147,8 @@ class OnnxMaps:
     @classmethod
     def int8(cls, path: str | os.PathLike, weights_version: str, threads: int) -> "OnnxMaps":
         """The int8 model at ``path``, checked to be made from weights ``weights_version``."""
-        ort = _import_ort()
-        path = Path(path)
-        if not path.is_file():
-            raise Int8ModelError(f"no int8 model for these weights at {path}: make one with "
-                                 f"`jointface quantize PHOTOS_DIR` (calibrates on photos of faces)")
-        try:
-            session = ort.InferenceSession(str(path), _session_options(ort, threads),
-                                           providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-            raise Int8ModelError(f"{path}: not a readable ONNX model ({exc}); make it again with "
-                                 f"`jointface quantize`") from exc
-        made_from = session.get_modelmeta().custom_metadata_map.get(VERSION_KEY)
-        if made_from != weights_version:
-            raise Int8ModelError(f"{path} was quantised from weights {made_from or 'unknown'}, not these "
-                                 f"({weights_version}): make it again with `jointface quantize`")
         maps = cls.__new__(cls)
-        maps.session, maps.path = session, path
+        maps.session, maps.path = _int8_session(path, weights_version, threads), Path(path)
         return maps
 
     def __call__(self, images):
@@ -159,6 +156,113 @@ class OnnxMaps:
 
         array = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
         return tuple(torch.from_numpy(output) for output in self.session.run(None, {"images": array}))
+
+
+def _int8_session(path: str | os.PathLike, weights_version: str, threads: int):
+    """An ONNX Runtime session of the int8 model at ``path``, checked to be made from ``weights_version``."""
+    ort = _import_ort()
+    path = Path(path)
+    if not path.is_file():
+        raise Int8ModelError(f"no int8 model for these weights at {path}: make one with "
+                             f"`jointface quantize PHOTOS_DIR` (calibrates on photos of faces)")
+    try:
+        session = ort.InferenceSession(str(path), _session_options(ort, threads), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        raise Int8ModelError(f"{path}: not a readable ONNX model ({exc}); make it again with "
+                             f"`jointface quantize`") from exc
+    made_from = session.get_modelmeta().custom_metadata_map.get(VERSION_KEY)
+    if made_from != weights_version:
+        raise Int8ModelError(f"{path} was quantised from weights {made_from or 'unknown'}, not these "
+                             f"({weights_version}): make it again with `jointface quantize`")
+    return session
+
+
+class OnnxHead:
+    """The int8 identity head: ``(K, C, R, R)`` RoI-aligned face features -> ``(K, D)`` embeddings (not
+    normalised), as :class:`jointface.net.v2.IdentityHead` gives them."""
+
+    def __init__(self, path: str | os.PathLike, weights_version: str, threads: int):
+        self.session, self.path = _int8_session(path, weights_version, threads), Path(path)
+
+    def __call__(self, rois):
+        import torch
+
+        array = np.ascontiguousarray(rois.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(self.session.run(None, {"rois": array})[0])
+
+
+def _quantize_static(fp32: Path, quantized: Path, input_name: str, batches) -> None:
+    """Static int8 quantisation (QDQ): weights int8 per output channel, activations uint8 from the min and max
+    over ``batches``; the nodes that give the graph's outputs stay fp32."""
+    import logging
+
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._items = iter({input_name: batch} for batch in batches)
+
+        def get_next(self):
+            return next(self._items, None)
+
+    graph = onnx.load(str(fp32))
+    outputs = {output.name for output in graph.graph.output}
+    keep_fp32 = [node.name for node in graph.graph.node if set(node.output) & outputs]
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # ORT's quantiser logs advice through the root logger
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_static(str(fp32), str(quantized), Reader(), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=keep_fp32,
+                            extra_options={"CalibTensorRangeSymmetric": False})
+    finally:
+        root.setLevel(level)
+
+
+def _save_versioned(quantized: Path, weights_version: str, out_path: Path) -> None:
+    """Write the model at ``quantized`` to ``out_path`` atomically, recording ``weights_version``."""
+    import onnx
+
+    graph = onnx.load(str(quantized))
+    entry = graph.metadata_props.add()
+    entry.key, entry.value = VERSION_KEY, weights_version
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out_path.name + ".", suffix=".tmp", dir=out_path.parent)
+    os.close(fd)
+    try:
+        onnx.save(graph, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.replace(tmp, out_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def quantize_head_int8(head, weights_version: str, rois, out_path: str | os.PathLike) -> dict:
+    """Quantise the identity head (``(K, C, R, R)`` RoI features -> ``(K, D)``) to int8, calibrated on ``rois``
+    (float32 arrays of faces' RoI features as the engine pools them), and write it to ``out_path``."""
+    import torch
+
+    _import_ort()
+    rois = [np.ascontiguousarray(batch, dtype=np.float32) for batch in rois if len(batch)]
+    if not rois:
+        raise ValueError("no faces found in the calibration photos to calibrate the identity head on")
+    out_path = Path(out_path)
+    with tempfile.TemporaryDirectory(prefix="jointface-int8-head-") as scratch:
+        fp32, quantized = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(head.eval(), (torch.from_numpy(rois[0][:1]),), str(fp32), input_names=["rois"],
+                              output_names=["embeddings"], dynamic_axes={"rois": {0: "faces"}},
+                              opset_version=17, dynamo=False)
+        _quantize_static(fp32, quantized, "rois", rois)
+        _save_versioned(quantized, weights_version, out_path)
+    return {"path": str(out_path), "faces": int(sum(len(batch) for batch in rois)), "bytes": out_path.stat().st_size}
 
 
 def quantize_int8(model, weights_version: str, batches, out_path: str | os.PathLike) -> dict:
@@ -171,57 +275,17 @@ def quantize_int8(model, weights_version: str, batches, out_path: str | os.PathL
     ``weights_version``.
     """
     _import_ort()
-    import logging
-
-    import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
-
     batches = [np.ascontiguousarray(batch, dtype=np.float32) for batch in batches]
     if not batches:
         raise ValueError("no calibration batches")
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self._items = iter({"images": batch} for batch in batches)
-
-        def get_next(self):
-            return next(self._items, None)
-
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="jointface-int8-") as scratch:
         fp32, quantized = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"
         _export(model, fp32, model.record.input_size)
         # the output convolutions stay fp32: one uint8 range over the detection map's box offsets and
         # confidence logits together left boxes off by up to 0.11 IoU; they are a small share of the time
-        graph = onnx.load(str(fp32))
-        outputs = {output.name for output in graph.graph.output}
-        keep_fp32 = [node.name for node in graph.graph.node if set(node.output) & outputs]
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)  # ORT's quantiser logs advice through the root logger
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                quantize_static(str(fp32), str(quantized), Reader(), quant_format=QuantFormat.QDQ,
-                                per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=keep_fp32,
-                                extra_options={"CalibTensorRangeSymmetric": False})
-        finally:
-            root.setLevel(level)
-        graph = onnx.load(str(quantized))
-        entry = graph.metadata_props.add()
-        entry.key, entry.value = VERSION_KEY, weights_version
-        fd, tmp = tempfile.mkstemp(prefix=out_path.name + ".", suffix=".tmp", dir=out_path.parent)
-        os.close(fd)
-        try:
-            onnx.save(graph, tmp)
-            os.chmod(tmp, 0o644)  # mkstemp makes it private
-            os.replace(tmp, out_path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        _quantize_static(fp32, quantized, "images", batches)
+        _save_versioned(quantized, weights_version, out_path)
     return {"path": str(out_path), "weights_version": weights_version, "batches": len(batches),
             "images": int(sum(batch.shape[0] for batch in batches)),
             "input_sizes": sorted({int(batch.shape[-1]) for batch in batches}),

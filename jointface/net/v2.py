@@ -372,9 +372,11 @@ class JointNetV2(nn.Module):
         return DetectionsV2(torch.cat(boxes, 1), torch.cat(logits, 1), grids)
 
     # ------------------------------------------------------------------ the per-face part
-    def embed(self, identity_maps: Sequence[torch.Tensor], boxes: torch.Tensor, image_idx: torch.Tensor,
-              normalise: bool = True) -> torch.Tensor:
-        """Embeddings ``(K, D)`` of face boxes ``(K, 4)`` (input pixels) in images ``image_idx`` ``(K,)``."""
+    def pool_faces(self, identity_maps: Sequence[torch.Tensor], boxes: torch.Tensor, image_idx: torch.Tensor
+                   ) -> torch.Tensor:
+        """The identity head's input for face boxes ``(K, 4)`` (input pixels) in images ``image_idx`` ``(K,)``:
+        each box enlarged by the RoI margin, RoI-aligned from the stride-8 map (small faces) or the stride-16
+        map, ``(K, C, R, R)``."""
         record = self.record
         rois = enlarge(boxes.float(), record.roi_margin)
         side = (rois[:, 2:] - rois[:, :2]).clamp(min=1).prod(dim=1).sqrt()
@@ -384,7 +386,13 @@ class JointNetV2(nn.Module):
                                         (~fine, identity_maps[1], record.level_strides[1])):
             if bool(mask.any()):
                 pooled[mask] = roi_align(level_map, rois[mask], image_idx[mask], stride, record.roi_size)
-        embeddings = self.identity(pooled)
+        return pooled
+
+    def embed(self, identity_maps: Sequence[torch.Tensor], boxes: torch.Tensor, image_idx: torch.Tensor,
+              normalise: bool = True, head=None) -> torch.Tensor:
+        """Embeddings ``(K, D)`` of face boxes ``(K, 4)`` (input pixels) in images ``image_idx`` ``(K,)``.
+        ``head``: what runs the identity head on the pooled faces (default: this network's own, in torch)."""
+        embeddings = (head or self.identity)(self.pool_faces(identity_maps, boxes, image_idx))
         return F.normalize(embeddings.float(), dim=-1) if normalise else embeddings
 
     def forward_train(self, images: torch.Tensor, boxes: torch.Tensor, image_idx: torch.Tensor
@@ -580,14 +588,14 @@ def decode_v2(model: JointNetV2, detections: DetectionsV2, conf_threshold: float
 
 def faces_from_maps(model: JointNetV2, maps: Sequence[torch.Tensor], conf_threshold: float = 0.5,
                     nms_iou: float = 0.4, max_faces: int = 100, large_threshold: float | None = None,
-                    large_side: float = 96.0) -> list[FacesV2]:
+                    large_side: float = 96.0, head=None) -> list[FacesV2]:
     """Every kept face of each image with its embedding, from :meth:`JointNetV2.forward_maps`'s output
-    (thresholds as in :func:`decode_v2`)."""
+    (thresholds as in :func:`decode_v2`; ``head`` as in :meth:`JointNetV2.embed`)."""
     found = decode_v2(model, model.detections_from_maps(maps[:3]), conf_threshold, nms_iou, max_faces,
                       large_threshold=large_threshold, large_side=large_side)
     boxes = torch.cat([b for b, _ in found]) if found else torch.zeros(0, 4)
     image_idx = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, (b, _) in enumerate(found)])
-    embeddings = model.embed([m.float() for m in maps[3:]], boxes, image_idx) if len(boxes) else \
+    embeddings = model.embed([m.float() for m in maps[3:]], boxes, image_idx, head=head) if len(boxes) else \
         torch.zeros(0, model.record.embedding_dim)
     results, start = [], 0
     for box, score in found:
