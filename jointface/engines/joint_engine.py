@@ -437,7 +437,7 @@ class JointEngine(Engine):
         import torch.nn.functional as F
 
         from jointface.net.model import Detections, merge_flipped
-        from jointface.net.v2 import FacesV2, decode_v2
+        from jointface.net.v2 import FacesV2, boxes_and_images, decode_v2
 
         found = decode_v2(self.model, self.model.detections_from_maps(maps[:3]), self.conf_threshold, self.nms_iou,
                           self.max_faces, **self._large_faces())
@@ -448,10 +448,9 @@ class JointEngine(Engine):
                                    Detections(m_boxes, m_scores, empty[1], torch.zeros(len(m_boxes), dtype=torch.long)),
                                    width)
             merged.append((joined.boxes, joined.scores))
-        boxes = torch.cat([b for b, _ in merged]) if merged else torch.zeros(0, 4)
+        boxes, image_idx = boxes_and_images(merged)
         if len(boxes) == 0:
             return [FacesV2(b, s, torch.zeros(0, self.record.embedding_dim)) for b, s in merged]
-        image_idx = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, (b, _) in enumerate(merged)])
         mirrored = torch.stack((width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]), dim=1)
         identity_maps = [m.float() for m in maps[3:]]
         plain = self.model.embed([m[:count] for m in identity_maps], boxes, image_idx, head=self._onnx_head)
@@ -481,7 +480,7 @@ class JointEngine(Engine):
         (:meth:`network_batch`), as :meth:`detect_batch` pools them (calibrates the int8 head)."""
         import torch
 
-        from jointface.net.v2 import decode_v2
+        from jointface.net.v2 import boxes_and_images, decode_v2
 
         with torch.inference_mode():
             images = torch.from_numpy(batch).to(self.device)
@@ -489,9 +488,7 @@ class JointEngine(Engine):
             maps = [m.float() for m in maps]
             found = decode_v2(self.model, self.model.detections_from_maps(maps[:3]), self.conf_threshold,
                               self.nms_iou, self.max_faces, **self._large_faces())
-            boxes = torch.cat([b for b, _ in found])
-            image_idx = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, (b, _) in enumerate(found)])
-            return self.model.pool_faces(maps[3:], boxes, image_idx).numpy()
+            return self.model.pool_faces(maps[3:], *boxes_and_images(found)).numpy()
 
     def network_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """The float32 ``(B, 3, S, S)`` network input :meth:`detect_batch` makes of ``images``."""

@@ -586,6 +586,14 @@ def decode_v2(model: JointNetV2, detections: DetectionsV2, conf_threshold: float
     return results
 
 
+def boxes_and_images(found: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`decode_v2`'s faces of every image as one ``(K, 4)`` box tensor and each box's image ``(K,)``."""
+    boxes = torch.cat([b for b, _ in found]) if found else torch.zeros(0, 4)
+    image_idx = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, (b, _) in enumerate(found)]) \
+        if found else torch.zeros(0, dtype=torch.long)
+    return boxes, image_idx
+
+
 def faces_from_maps(model: JointNetV2, maps: Sequence[torch.Tensor], conf_threshold: float = 0.5,
                     nms_iou: float = 0.4, max_faces: int = 100, large_threshold: float | None = None,
                     large_side: float = 96.0, head=None) -> list[FacesV2]:
@@ -593,8 +601,7 @@ def faces_from_maps(model: JointNetV2, maps: Sequence[torch.Tensor], conf_thresh
     (thresholds as in :func:`decode_v2`; ``head`` as in :meth:`JointNetV2.embed`)."""
     found = decode_v2(model, model.detections_from_maps(maps[:3]), conf_threshold, nms_iou, max_faces,
                       large_threshold=large_threshold, large_side=large_side)
-    boxes = torch.cat([b for b, _ in found]) if found else torch.zeros(0, 4)
-    image_idx = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, (b, _) in enumerate(found)])
+    boxes, image_idx = boxes_and_images(found)
     embeddings = model.embed([m.float() for m in maps[3:]], boxes, image_idx, head=head) if len(boxes) else \
         torch.zeros(0, model.record.embedding_dim)
     results, start = [], 0

@@ -17,6 +17,11 @@ The slimmed network is not the source network minus nothing: dropping
 channels moves identity's features; the run that starts here learns them back.
 
     python benchmarks/joint_v2/slim_stage3/slim.py SOURCE.pt OUT.pt --width 128
+
+``--from-shared``: a source whose identity reads the shared backbone (no
+stage of its own, as the shipped weights) gives identity a copy of the
+backbone's stage 3 first (what a run with ``identity_stages: [3]`` starts
+from), then cuts that.
 """
 
 from __future__ import annotations
@@ -74,13 +79,20 @@ def main() -> None:
     parser.add_argument("source", type=Path, help="a v2 checkpoint or weights file with identity_stages [3]")
     parser.add_argument("out", type=Path)
     parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--from-shared", action="store_true",
+                        help="identity reads the shared backbone in SOURCE: start from a copy of its stage 3")
     args = parser.parse_args()
     payload = torch.load(args.source, map_location="cpu", weights_only=True)
     record = dict(payload["record"])
-    if record.get("identity_stages") != [3] or record.get("identity_stage_width"):
-        raise SystemExit(f"{args.source}: identity needs a full-width stage 3 of its own (identity_stages [3])")
     key = "model" if "model" in payload else "state_dict"
     state = {k: v.float() if v.is_floating_point() else v for k, v in payload[key].items()}
+    if args.from_shared and not record.get("identity_stages"):
+        state.update({"identity_backbone.layer3." + k[len("backbone.layer3."):]: v.clone()
+                      for k, v in state.items() if k.startswith("backbone.layer3.")})
+        record["identity_stages"] = [3]
+    if record.get("identity_stages") != [3] or record.get("identity_stage_width"):
+        raise SystemExit(f"{args.source}: identity needs a full-width stage 3 of its own (identity_stages [3]; "
+                         f"--from-shared when identity reads the shared backbone)")
     record["identity_stage_width"] = args.width
     out = {"format": payload.get("format"), "record": record, key: slim_state(state, args.width)}
     for extra in ("margin_head", "identity_heads"):
