@@ -142,6 +142,8 @@ def print_result(result) -> None:
         box = ", ".join(f"{v:.0f}" for v in face.box)
         who = face.identity or "unknown"
         sim = "" if face.similarity is None else f" (similarity {face.similarity:.3f})"
+        if face.identity is None and face.candidates:  # the nearest person, under the threshold: say who
+            sim = f" (nearest: {face.candidates[0][0]}, similarity {face.candidates[0][1]:.3f})"
         others = ", ".join(f"{name} {sim_:.3f}" for name, sim_ in face.candidates[1:])
         out.print(f"  [{box}] {who}{sim}" + (f"; next: {others}" if others else ""), markup=False)
 

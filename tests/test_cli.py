@@ -205,3 +205,14 @@ def test_global_option_after_the_command_end_to_end(run_cli, knn_dir, tmp_path):
     result = run_cli("search", "--engine", "dlib", "--json", knn_dir / "test" / "obama1.jpg", home=tmp_path / "h")
     assert result.returncode == 0, result.stderr
     assert "engine dlib" in result.stderr and len(json.loads(result.stdout)["faces"]) == 1
+
+
+def test_an_unknown_face_is_shown_with_the_nearest_person(run_cli, knn_home_copy, knn_dir):
+    home = knn_home_copy
+    assert run_cli("people", "remove", "obama", home=home).returncode == 0
+    result = run_cli("--engine", "dlib", "search", knn_dir / "test" / "obama1.jpg", home=home)
+    assert result.returncode == 0, result.stderr
+    face = next(line for line in result.stdout.splitlines() if line.strip().startswith("["))
+    nearest = face.split("(nearest: ")[1].split(",")[0]
+    assert face.split("] ")[1].startswith("unknown (nearest: ") and nearest in {"biden", "alex_lacamoire",
+                                                                               "kit_harington", "rose_leslie"}
