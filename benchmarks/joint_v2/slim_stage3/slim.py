@@ -89,6 +89,8 @@ def main() -> None:
     if args.from_shared and not record.get("identity_stages"):
         state.update({"identity_backbone.layer3." + k[len("backbone.layer3."):]: v.clone()
                       for k, v in state.items() if k.startswith("backbone.layer3.")})
+        # identity reads P3 and P4 only: networks with stages of their own have no unused smooth[2]
+        state = {k: v for k, v in state.items() if not k.startswith("smooth.2.")}
         record["identity_stages"] = [3]
     if record.get("identity_stages") != [3] or record.get("identity_stage_width"):
         raise SystemExit(f"{args.source}: identity needs a full-width stage 3 of its own (identity_stages [3]; "
