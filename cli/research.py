@@ -295,7 +295,9 @@ def quantize(
     count: int = typer.Option(64, "--count", min=8, help="How many photos to calibrate on (evenly spaced)."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Where to write the model (default: beside the "
                                                                 "weights, NAME.int8.onnx, where "
-                                                                "--engine jointface-int8 finds it)."),
+                                                                "--engine jointface-int8 finds it); a v2 "
+                                                                "network's identity head goes beside it, "
+                                                                "NAME.int8-head.onnx."),
     size: Optional[list[str]] = typer.Option(None, "--size", help="Calibration size, repeatable: a shorter side "
                                                                   "in px the photos are resized to, or 'photo' "
                                                                   "for the photos as they are (default: "

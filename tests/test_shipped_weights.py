@@ -268,7 +268,8 @@ def test_classifier_scores_follow_the_heads_that_were_trained():
 
 
 def test_quantize_writes_an_int8_model_that_only_its_weights_use(run_cli, lfw_dir, tmp_path):
-    """`jointface quantize` -> NAME.int8.onnx beside the weights; jointface-int8 runs it, checked against fp32."""
+    """`jointface quantize` -> NAME.int8.onnx (and NAME.int8-head.onnx) beside the weights; jointface-int8 runs
+    them, checked against fp32."""
     import shutil
 
     import numpy as np
