@@ -77,6 +77,24 @@ IVF_MIN_NPROBE = 32  # ... but at least 32 lists
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
+#: a search of at most this many query x stored-vector products runs on one FAISS thread: as fast as two on
+#: a quiet machine, three times faster when the cores are busy (OpenMP waits for descheduled threads); above
+#: it two threads win on a quiet machine (benchmarks/pipeline_speed/faiss_threads.json)
+ONE_THREAD_WORK = 100_000
+
+
+@contextlib.contextmanager
+def _faiss_threads(count: int | None):
+    """FAISS's OpenMP threads for this thread's searches inside the block (``None``: as they are)."""
+    if count is None:
+        yield
+        return
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(count)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
 
 
 def resolve_kind(kind: str, count: int, *, approximate_from: int = AUTO_APPROXIMATE_FROM) -> str:
@@ -217,7 +235,9 @@ class VectorIndex:
         if live == 0 or len(queries) == 0:
             return (np.full((len(queries), k), -np.inf, dtype=np.float32), np.full((len(queries), k), -1, np.int64))
         fetch = min(int(self.index.ntotal), k + len(self._tombstones))
-        sims, ids = self.index.search(queries, fetch)
+        small = len(queries) * int(self.index.ntotal) <= ONE_THREAD_WORK
+        with _faiss_threads(1 if small else None):
+            sims, ids = self.index.search(queries, fetch)
         if self._tombstones:
             dead = np.isin(ids, np.fromiter(self._tombstones, dtype=np.int64))
             sims = np.where(dead, -np.inf, sims)

@@ -29,6 +29,27 @@ def test_exact_search_finds_itself_and_remove_works():
     assert len(index) == 198
 
 
+def test_small_searches_run_on_one_faiss_thread_and_give_the_same_answers(monkeypatch):
+    import faiss
+
+    import index.vectors as vectors_module
+
+    vectors = unit_vectors(500, 16, seed=4)
+    index = VectorIndex(EmbeddingSpace("dlib", "v1", 16))
+    index.add(np.arange(500), vectors)
+    seen = []
+    search = index.index.search
+    monkeypatch.setattr(index.index, "search", lambda *a, **k: (seen.append(faiss.omp_get_max_threads()),
+                                                               search(*a, **k))[1])
+    threads = faiss.omp_get_max_threads()
+    small = index.search(vectors[:9], k=5)  # 9 x 500 products: one thread
+    monkeypatch.setattr(vectors_module, "ONE_THREAD_WORK", 0)  # every search as FAISS sets it
+    as_set = index.search(vectors[:9], k=5)
+    assert seen == [1, threads] and faiss.omp_get_max_threads() == threads  # restored after the search
+    np.testing.assert_array_equal(small[1], as_set[1])
+    np.testing.assert_allclose(small[0], as_set[0], atol=1e-6)
+
+
 def test_search_pads_small_indexes():
     index = VectorIndex(EmbeddingSpace("dlib", "v1", 4))
     sims, ids = index.search(unit_vectors(2, 4, 1), k=3)
