@@ -84,11 +84,8 @@ ONE_THREAD_WORK = 100_000
 
 
 @contextlib.contextmanager
-def _faiss_threads(count: int | None):
-    """FAISS's OpenMP threads for this thread's searches inside the block (``None``: as they are)."""
-    if count is None:
-        yield
-        return
+def _faiss_threads(count: int):
+    """FAISS's OpenMP threads for this thread's searches inside the block."""
     previous = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(count)
     try:
@@ -236,7 +233,7 @@ class VectorIndex:
             return (np.full((len(queries), k), -np.inf, dtype=np.float32), np.full((len(queries), k), -1, np.int64))
         fetch = min(int(self.index.ntotal), k + len(self._tombstones))
         small = len(queries) * int(self.index.ntotal) <= ONE_THREAD_WORK
-        with _faiss_threads(1 if small else None):
+        with _faiss_threads(1) if small else contextlib.nullcontext():
             sims, ids = self.index.search(queries, fetch)
         if self._tombstones:
             dead = np.isin(ids, np.fromiter(self._tombstones, dtype=np.int64))

@@ -437,10 +437,9 @@ class JointEngine(Engine):
         import torch.nn.functional as F
 
         from jointface.net.model import Detections, merge_flipped
-        from jointface.net.v2 import FacesV2, boxes_and_images, decode_v2
+        from jointface.net.v2 import FacesV2, boxes_and_images
 
-        found = decode_v2(self.model, self.model.detections_from_maps(maps[:3]), self.conf_threshold, self.nms_iou,
-                          self.max_faces, **self._large_faces())
+        found = self._decode(maps)
         merged = []
         for (boxes, scores), (m_boxes, m_scores) in zip(found[:count], found[count:]):
             empty = torch.zeros(len(boxes), 1), torch.zeros(len(m_boxes), 1)
@@ -462,6 +461,13 @@ class JointEngine(Engine):
             start += len(b)
         return results
 
+    def _decode(self, maps):
+        """v2: each image's kept boxes and scores from the network's maps, at this engine's operating point."""
+        from jointface.net.v2 import decode_v2
+
+        return decode_v2(self.model, self.model.detections_from_maps(maps[:3]), self.conf_threshold, self.nms_iou,
+                         self.max_faces, **self._large_faces())
+
     def _large_faces(self) -> dict:
         return {"large_threshold": self.large_face_threshold, "large_side": self.large_face_side or 0.0}
 
@@ -480,15 +486,13 @@ class JointEngine(Engine):
         (:meth:`network_batch`), as :meth:`detect_batch` pools them (calibrates the int8 head)."""
         import torch
 
-        from jointface.net.v2 import boxes_and_images, decode_v2
+        from jointface.net.v2 import boxes_and_images
 
         with torch.inference_mode():
             images = torch.from_numpy(batch).to(self.device)
             maps = self.model.forward_maps(images) if self._onnx is None else self._onnx(images)
             maps = [m.float() for m in maps]
-            found = decode_v2(self.model, self.model.detections_from_maps(maps[:3]), self.conf_threshold,
-                              self.nms_iou, self.max_faces, **self._large_faces())
-            return self.model.pool_faces(maps[3:], *boxes_and_images(found)).numpy()
+            return self.model.pool_faces(maps[3:], *boxes_and_images(self._decode(maps))).numpy()
 
     def network_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """The float32 ``(B, 3, S, S)`` network input :meth:`detect_batch` makes of ``images``."""
@@ -570,9 +574,9 @@ def quantize_weights(weights: str | os.PathLike | None, photos: Sequence[str | o
         batches += [engine.network_batch(mosaics[i:i + 2]) for i in range(0, len(mosaics), 2)]
     target = Path(out) if out is not None else int8_model_path(engine.weights_path)
     summary = quantize_int8(engine.model, engine.version, batches, target)
-    if engine.architecture == "v2":  # no face found at all (an untrained network): the head stays in torch
-        rois = [engine.faces_for_head(batch) for batch in batches]
-        summary["head"] = (quantize_head_int8(engine.model.identity, engine.version, rois, int8_head_path(target))
-                           if any(len(faces) for faces in rois) else None)
+    if engine.architecture == "v2":  # None when no face was found (an untrained network): the head stays in torch
+        summary["head"] = quantize_head_int8(engine.model.identity, engine.version,
+                                             [engine.faces_for_head(batch) for batch in batches],
+                                             int8_head_path(target))
     return {**summary, "weights": str(engine.weights_path), "photos": readable, "skipped": skipped,
             "sizes": ["photo" if size is None else size for size in sizes]}

@@ -154,8 +154,12 @@ class OnnxMaps:
     def __call__(self, images):
         import torch
 
-        array = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
-        return tuple(torch.from_numpy(output) for output in self.session.run(None, {"images": array}))
+        return tuple(torch.from_numpy(output) for output in self.session.run(None, {"images": _as_input(images)}))
+
+
+def _as_input(tensor) -> np.ndarray:
+    """A torch tensor as ONNX Runtime takes it: contiguous float32 on the CPU (no copy when it already is)."""
+    return np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=np.float32)
 
 
 def _int8_session(path: str | os.PathLike, weights_version: str, threads: int):
@@ -187,8 +191,7 @@ class OnnxHead:
     def __call__(self, rois):
         import torch
 
-        array = np.ascontiguousarray(rois.detach().cpu().numpy(), dtype=np.float32)
-        return torch.from_numpy(self.session.run(None, {"rois": array})[0])
+        return torch.from_numpy(self.session.run(None, {"rois": _as_input(rois)})[0])
 
 
 def _quantize_static(fp32: Path, quantized: Path, input_name: str, batches) -> None:
@@ -243,15 +246,16 @@ def _save_versioned(quantized: Path, weights_version: str, out_path: Path) -> No
             os.unlink(tmp)
 
 
-def quantize_head_int8(head, weights_version: str, rois, out_path: str | os.PathLike) -> dict:
+def quantize_head_int8(head, weights_version: str, rois, out_path: str | os.PathLike) -> dict | None:
     """Quantise the identity head (``(K, C, R, R)`` RoI features -> ``(K, D)``) to int8, calibrated on ``rois``
-    (float32 arrays of faces' RoI features as the engine pools them), and write it to ``out_path``."""
+    (float32 arrays of faces' RoI features as the engine pools them), and write it to ``out_path``; None (and
+    nothing written) when ``rois`` hold no face."""
     import torch
 
     _import_ort()
     rois = [np.ascontiguousarray(batch, dtype=np.float32) for batch in rois if len(batch)]
     if not rois:
-        raise ValueError("no faces found in the calibration photos to calibrate the identity head on")
+        return None
     out_path = Path(out_path)
     with tempfile.TemporaryDirectory(prefix="jointface-int8-head-") as scratch:
         fp32, quantized = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"
