@@ -24,8 +24,19 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+def face_label(face) -> str:
+    """A face's caption: ``name 0.83``; an unknown face names its nearest person: ``unknown (nearest: name 0.52)``."""
+    if face.identity:
+        return face.identity if face.similarity is None else f"{face.identity} {face.similarity:.2f}"
+    candidates = getattr(face, "candidates", None)
+    if candidates:
+        name, similarity = candidates[0]
+        return f"unknown (nearest: {name} {similarity:.2f})"
+    return "unknown" if face.similarity is None else f"unknown {face.similarity:.2f}"
+
+
 def annotate(image: np.ndarray, faces: Sequence, out_path: Path) -> Path:
-    """Draw each face's box with its name (or ``unknown``) and similarity; write a JPEG/PNG."""
+    """Draw each face's box with its caption (``face_label``); write a JPEG/PNG."""
     canvas = Image.fromarray(image)
     draw = ImageDraw.Draw(canvas)
     width = max(2, round(max(canvas.size) / 400))
@@ -34,14 +45,13 @@ def annotate(image: np.ndarray, faces: Sequence, out_path: Path) -> Path:
         x1, y1, x2, y2 = face.box
         colour = KNOWN_COLOUR if face.identity else UNKNOWN_COLOUR
         draw.rectangle([x1, y1, x2, y2], outline=colour, width=width)
-        label = face.identity or "unknown"
-        if face.similarity is not None:
-            label += f" {face.similarity:.2f}"
+        label = face_label(face)
         left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
         text_h = bottom - top + 4
         ty = y1 - text_h if y1 - text_h >= 0 else y2
-        draw.rectangle([x1, ty, x1 + (right - left) + 6, ty + text_h], fill=colour)
-        draw.text((x1 + 3, ty + 2 - top), label, fill=(255, 255, 255), font=font)
+        tx = max(0, min(x1, canvas.size[0] - (right - left) - 6))  # the caption stays on the picture
+        draw.rectangle([tx, ty, tx + (right - left) + 6, ty + text_h], fill=colour)
+        draw.text((tx + 3, ty + 2 - top), label, fill=(255, 255, 255), font=font)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out_path, quality=92)

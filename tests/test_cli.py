@@ -216,3 +216,15 @@ def test_an_unknown_face_is_shown_with_the_nearest_person(run_cli, knn_home_copy
     nearest = face.split("(nearest: ")[1].split(",")[0]
     assert face.split("] ")[1].startswith("unknown (nearest: ") and nearest in {"biden", "alex_lacamoire",
                                                                                "kit_harington", "rose_leslie"}
+
+
+def test_the_annotated_caption_names_an_unknown_faces_nearest_person():
+    from jointface.draw import face_label
+    from jointface.service import FaceResult
+
+    known = FaceResult((0, 0, 10, 10), 0.9, "obama", 0.812, [("obama", 0.812), ("biden", 0.41)])
+    unknown = FaceResult((0, 0, 10, 10), 0.9, None, 0.521, [("rose_leslie", 0.521), ("kit_harington", 0.3)])
+    empty_gallery = FaceResult((0, 0, 10, 10), 0.9, None, None, [])
+    assert face_label(known) == "obama 0.81"
+    assert face_label(unknown) == "unknown (nearest: rose_leslie 0.52)"
+    assert face_label(empty_gallery) == "unknown"

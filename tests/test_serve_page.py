@@ -8,6 +8,7 @@ written to ``test-artifacts/serve/`` in the repository (or
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import threading
@@ -100,10 +101,11 @@ def test_page_enrol_search_rename_remove(live_server, browser, knn_dir):
     # pick a photo: boxes and names on it
     page.set_input_files("#search-file", str(knn_dir / "test" / "obama_and_biden.jpg"))
     labels = page.locator("#picture .face-label")
-    expect(labels.filter(has_text="obama")).to_have_count(1)
-    expect(labels.filter(has_text="biden")).to_have_count(1)
+    named = {name: labels.filter(has_text=re.compile(rf"^{name} \d")) for name in ("obama", "biden")}
+    expect(named["obama"]).to_have_count(1)
+    expect(named["biden"]).to_have_count(1)
     for name in ("obama", "biden"):  # each label sits on the picture
-        box = labels.filter(has_text=name).bounding_box()
+        box = named[name].bounding_box()
         picture = page.locator("#picture-img").bounding_box()
         assert picture["x"] <= box["x"] <= picture["x"] + picture["width"]
         assert picture["y"] - box["height"] <= box["y"] <= picture["y"] + picture["height"]
@@ -138,6 +140,12 @@ def test_page_enrol_search_rename_remove(live_server, browser, knn_dir):
     expect(page.locator("#people li[data-name='rose_leslie']")).to_have_count(0)
     expect(page.locator("#people li")).to_have_count(4)
     page.screenshot(path=str(out / "after_remove.png"), full_page=True)
+
+    # a face of someone no longer enrolled: unknown, with the nearest person named
+    page.set_input_files("#search-file", str(knn_dir / "test" / "kit_with_rose.jpg"))
+    expect(labels).to_have_count(2)
+    expect(labels.filter(has_text="unknown (nearest: ")).to_have_count(1)
+    expect(labels.filter(has_text=re.compile(r"^kit_harington \d"))).to_have_count(1)
 
     with Gallery.open(home) as gallery:
         names = {person.name for person in gallery.people()}

@@ -69,13 +69,20 @@ async function search(file) {
   setStatus(`searched ${file.name}`);
 }
 
+// a face's caption, as on the CLI's annotated pictures: "name 0.83", "unknown (nearest: name 0.52)"
+function faceLabel(face) {
+  if (face.identity) return `${face.identity} ${face.similarity.toFixed(2)}`;
+  const nearest = face.candidates[0];
+  return nearest ? `unknown (nearest: ${nearest.name} ${nearest.similarity.toFixed(2)})` : "unknown";
+}
+
 function drawFaces(faces, width, height) {
   const picture = $("picture");
   picture.querySelectorAll(".face-box").forEach((box) => box.remove());
   for (const face of faces) {
     const [x1, y1, x2, y2] = face.box;
     const box = document.createElement("div");
-    box.className = "face-box" + (face.identity ? "" : " unknown");
+    box.className = "face-box" + (face.identity ? "" : " unknown") + ((x1 + x2) / 2 > width / 2 ? " right" : "");
     // percentages: the boxes follow the picture whatever size it is shown at
     box.style.left = `${(100 * x1) / width}%`;
     box.style.top = `${(100 * y1) / height}%`;
@@ -83,9 +90,7 @@ function drawFaces(faces, width, height) {
     box.style.height = `${(100 * (y2 - y1)) / height}%`;
     const label = document.createElement("span");
     label.className = "face-label";
-    label.textContent = face.identity
-      ? `${face.identity} ${face.similarity.toFixed(2)}`
-      : "unknown";
+    label.textContent = faceLabel(face);
     box.appendChild(label);
     picture.appendChild(box);
   }
