@@ -25,14 +25,14 @@ def _font(size: int):
 
 
 def face_label(face) -> str:
-    """A face's caption: ``name 0.83``; an unknown face names its nearest person: ``unknown (nearest: name 0.52)``."""
+    """A face's caption: ``name 0.83``; an unknown face names its nearest person: ``unknown (nearest: name 0.52)``
+    (a face has a similarity exactly when it has candidates: :func:`jointface.service.identify`)."""
     if face.identity:
-        return face.identity if face.similarity is None else f"{face.identity} {face.similarity:.2f}"
-    candidates = getattr(face, "candidates", None)
-    if candidates:
-        name, similarity = candidates[0]
+        return f"{face.identity} {face.similarity:.2f}"
+    if face.candidates:
+        name, similarity = face.candidates[0]
         return f"unknown (nearest: {name} {similarity:.2f})"
-    return "unknown" if face.similarity is None else f"unknown {face.similarity:.2f}"
+    return "unknown"
 
 
 def annotate(image: np.ndarray, faces: Sequence, out_path: Path) -> Path:
