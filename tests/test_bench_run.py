@@ -141,6 +141,16 @@ def test_p2_markdown_shows_training_calibration_and_transfer_per_engine():
     assert "| dlib | 0.900 | 1.20% | 50.00% | 0.800 | 9.00% | 70.00% |" in text
     assert "| jointface@heads-triplet | 12 | 75.00% | 80.00% |" in text
     assert "dlib | cosface" not in text  # dlib was not trained here: no training row
+    result["engines"]["jointface@heads-triplet"]["continued_from"] = "runs/cand/cont.pt"
+    assert "| jointface@heads-triplet | triplet | from cont.pt | 1,470 | 25.00% |" in markdown_for(result)
+
+
+def test_a_v2_networks_start_is_the_first_file_of_its_init_state():
+    from jointface.engines.joint_engine import _start_weights
+
+    assert _start_weights({"init_weights": "v1.pt", "init_state": [["v2.pt", ["backbone."]]]}) == "v1.pt"
+    assert _start_weights({"init_state": [["shipped.pt", ["backbone."]], ["other.pt", ["heads."]]]}) == "shipped.pt"
+    assert _start_weights({"init_state": []}) is None and _start_weights({}) is None
 
 
 def test_benchmark_outputs_do_not_mark_a_run_as_uncommitted():

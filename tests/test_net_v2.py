@@ -316,6 +316,23 @@ def test_crop_batches_are_deterministic_and_keep_the_face_in_the_canvas(tmp_path
     assert first[0, y1:y2, x1:x2].std() > 10
 
 
+def test_a_labelled_share_draws_that_many_crops_of_known_people():
+    from jointface.train.crops import CropBank, choose_faces
+
+    identities = np.array([-1] * 90 + list(range(10)))  # 10 of 100 faces belong to a known person
+    bank = CropBank(np.zeros((100, 4, 4, 3), np.uint8), np.zeros((100, 4), np.float32),
+                    np.zeros((100, 128), np.float32), identities)
+    uniform = choose_faces(bank, 0.0, 1000, np.random.default_rng(0))
+    assert 0.05 < (identities[uniform] >= 0).mean() < 0.15
+    chosen = choose_faces(bank, 0.5, 48, np.random.default_rng(0))
+    assert len(chosen) == 48 and (identities[chosen[:24]] >= 0).all()
+    many = choose_faces(bank, 0.5, 2000, np.random.default_rng(1))
+    assert 0.5 < (identities[many] >= 0).mean() < 0.6  # half of them, plus the uniform half's tenth
+    with pytest.raises(ValueError, match="known people"):
+        choose_faces(CropBank(bank.images, bank.boxes, bank.teachers, np.full(100, -1)), 0.5, 8,
+                     np.random.default_rng(0))
+
+
 def test_identity_crops_run_trains_only_the_identity_branch_and_a_joint_run_starts_from_it(
         tmp_path, lfw_dir, one_torch_thread):
     from jointface.train.modes import run_for

@@ -320,7 +320,8 @@ def _p2_details(result: dict) -> str:
     """P2's further tables: how each network was trained, calibration on held-out strangers, transfer."""
     figures, records = result["figures"], result.get("engines", {})
     trained = {name: {"identity heads": " + ".join(record["identity_heads"]),
-                      "start": "continued" if record.get("continued_from") else "from scratch",
+                      "start": f"from {Path(record['continued_from']).name}" if record.get("continued_from")
+                      else "from scratch",
                       "steps (last run)": record.get("training_steps"),
                       "P1 validation (nearest train)": (record.get("validation") or {}).get("top1_nearest")}
                for name, record in records.items() if record.get("identity_heads")}

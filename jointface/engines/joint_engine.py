@@ -104,7 +104,7 @@ class JointEngine(Engine):
         training = payload.get("training") or {}
         self.training = {"identity_heads": list((training.get("config") or {}).get("identity_heads") or []),
                          "training_steps": training.get("step"), "validation": training.get("metrics") or {},
-                         "continued_from": (training.get("config") or {}).get("init_weights")}
+                         "continued_from": _start_weights(training.get("config") or {})}
         card = read_card(path, self._version)  # {} for no card, a damaged one or one of other weights
         self.default_threshold, self.threshold_source = self._card_threshold(card)
         #: the card's thresholds for galleries of each size (``{"people", "threshold", "fpir", "source"}``) or None
@@ -580,3 +580,12 @@ def quantize_weights(weights: str | os.PathLike | None, photos: Sequence[str | o
                                              int8_head_path(target))
     return {**summary, "weights": str(engine.weights_path), "photos": readable, "skipped": skipped,
             "sizes": ["photo" if size is None else size for size in sizes]}
+
+
+def _start_weights(config: dict) -> str | None:
+    """The weights file a training run started from: v1's ``init_weights``, or the first file of v2's
+    ``init_state`` (a list of ``[path, prefixes, ...]`` parts); None for a network trained from scratch."""
+    if config.get("init_weights"):
+        return str(config["init_weights"])
+    parts = config.get("init_state") or []
+    return str(parts[0][0]) if parts and isinstance(parts[0], (list, tuple)) and parts[0] else None

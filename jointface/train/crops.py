@@ -60,6 +60,7 @@ class CropSettings:
     colour_jitter: float = 0.25
     flip_probability: float = 0.5
     batch_size: int = 0         # crops per step (0: the run's batch_size)
+    labelled_share: float = 0.0 # share of each batch drawn from faces of a known person (0: uniform over the bank)
 
     @classmethod
     def from_dict(cls, values: dict) -> "CropSettings":
@@ -139,7 +140,7 @@ def crop_batch(bank: CropBank, settings: CropSettings, batch_size: int, seed: in
     size = max(4 * ROUND, int(math.ceil(settings.context * width / ROUND)) * ROUND)
     canvases = np.empty((batch_size, size, size, 3), dtype=np.uint8)
     boxes = np.zeros((batch_size, 4), dtype=np.float32)
-    chosen = rng.integers(len(bank), size=batch_size)
+    chosen = choose_faces(bank, settings.labelled_share, batch_size, rng)
     for row, index in enumerate(chosen):
         box = bank.boxes[index]
         scale = width * (1 + rng.uniform(-settings.scale_jitter, settings.scale_jitter)) / settings.bank_face
@@ -157,6 +158,19 @@ def crop_batch(bank: CropBank, settings: CropSettings, batch_size: int, seed: in
             canvas[:] = colour_jitter(canvas, rng, settings.colour_jitter)
         boxes[row] = placed
     return canvases, boxes, chosen
+
+
+def choose_faces(bank: CropBank, labelled_share: float, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Bank indices of one batch: uniform over the bank, or ``round(labelled_share * batch_size)`` of them
+    uniform over the faces of a known person (the margin loss's only faces) and the rest over the bank."""
+    if labelled_share <= 0:
+        return rng.integers(len(bank), size=batch_size)
+    labelled = np.flatnonzero(bank.identities >= 0)
+    if len(labelled) == 0:
+        raise ValueError("crops.labelled_share needs faces of known people in the crop bank; it has none")
+    count = min(batch_size, int(round(labelled_share * batch_size)))
+    return np.concatenate([labelled[rng.integers(len(labelled), size=count)],
+                           rng.integers(len(bank), size=batch_size - count)])
 
 
 class CropSource:
