@@ -52,10 +52,10 @@ cp runs/cand/margin3.pt jointface/weights/jointface.pt; cp runs/cand/margin3.int
 cp runs/cand/margin3.int8-head.onnx jointface/weights/jointface.int8-head.onnx
 python -c "import json; c = json.load(open('runs/cand/margin3.json')); c['weights'] = 'jointface.pt'
 json.dump(c, open('jointface/weights/jointface.json', 'w'), indent=2)"
-$B p2 -e dlib -e jointface $S
-$B p3 -e dlib -e jointface $S
-$B p1 -e jointface -e jointface-reference
-$B p4 -e dlib -e jointface -e jointface@runs/cand/old/jointface_f198.pt
-$B cluster -e dlib -e jointface $S   # then DEFAULT_THRESHOLDS (jointface/clustering.py) = the peak, and again
-$B p6 -e dlib -e jointface
+# (cluster: then DEFAULT_THRESHOLDS in jointface/clustering.py set to its peak, and cluster run again)
+for protocol in "p2 -e dlib -e jointface $S" "p3 -e dlib -e jointface $S" "p1 -e jointface -e jointface-reference" \
+    "p4 -e dlib -e jointface -e jointface@runs/cand/old/jointface_f198.pt" "cluster -e dlib -e jointface $S" \
+    "p6 -e dlib -e jointface"; do
+  $B $protocol
+done
 jointface bench report
