@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The commands behind this experiment's figures and the shipment of 7fb32bf7ffd0 (tenth and eleventh sessions), in
 # order. Needs the teacher labels of the README's `jointface preprocess ... --all-faces` commands in runs/labels/
-# (CelebA low-res left out), the shipped weights f19816222ec5 (commit a59e3a7) in jointface/weights/, and
-# ../shared/data. About 80 minutes of training, then about 60 minutes of benchmarks on 2 cores.
+# (CelebA low-res only for step 4; the other configs name the four other collections), the shipped weights
+# f19816222ec5 (commit a59e3a7) in jointface/weights/, and ../shared/data. About 100 minutes of training, then
+# about 70 minutes of benchmarks on 2 cores.
 set -eu
 B="jointface --threads 2 bench"; S="--seed-dlib runs/labels/lfw.jsonl"
 P1_TRAIN=$(python -c "from jointface.datasets.protocols import p1_split
@@ -59,3 +60,11 @@ for protocol in "p2 -e dlib -e jointface $S" "p3 -e dlib -e jointface $S" "p1 -e
   $B $protocol
 done
 jointface bench report
+
+# 4. (not shipped) the same with CelebA low-res's people as 2,760 more margin classes (lowres/)
+jointface preprocess DATA/celeba_lowres --layout celeba --all-faces --out runs/labels/celeba_lowres.jsonl
+jointface train-v2 jointface/configs/v2_slim_lowres.json
+cp runs/v2_slim_lowres/jointface.pt runs/cand/lowres.pt; card runs/cand/lowres.pt
+jointface quantize --weights runs/cand/lowres.pt --count 64 $P1_TRAIN
+$B p2 -e dlib -e jointface -e jointface@runs/cand/lowres.pt $S --tag v2_slim_lowres
+$B p1 -e jointface@runs/cand/lowres.pt --tag v2_slim_lowres
