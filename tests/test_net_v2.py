@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,7 @@ import torch.nn.functional as F
 
 from jointface.net.anchors import AnchorGrid
 from jointface.net.v2 import (DetectionsV2, JointNetV2, ModelRecordV2, all_anchors, decode_v2, faces_from_maps,
-                              losses_v2,
-                              match_multilevel, relational_loss, roi_align)
+                              bank_contrast_loss, losses_v2, match_multilevel, relational_loss, roi_align)
 
 TINY_ANCHORS = [[[12.0, 12.0], [20.0, 20.0]], [[32.0, 32.0], [48.0, 48.0]], [[64.0, 64.0], [96.0, 96.0]]]
 
@@ -87,6 +87,25 @@ def test_relational_loss_is_zero_for_the_same_geometry():
     vectors = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
     assert relational_loss(vectors, vectors).item() == pytest.approx(0.0, abs=1e-7)
     assert relational_loss(vectors, torch.nn.functional.normalize(torch.randn(5, 8), dim=1)).item() > 0
+
+
+def test_bank_contrast_is_lowest_where_the_student_is_its_own_teacher_and_teaches_it_there():
+    torch.manual_seed(0)
+    bank = F.normalize(torch.randn(200, 8), dim=1)
+    teacher = bank[:6]
+    # the teacher's target is nearly one-hot on itself, so a student equal to its teacher beats a shuffled one
+    own = bank_contrast_loss(teacher, teacher, bank, 0.1, 0.05)
+    shuffled = bank_contrast_loss(teacher.roll(1, 0), teacher, bank, 0.1, 0.05)
+    assert own.item() < shuffled.item()
+    # gradient steps on a random student bring each row to its own teacher vector
+    student = torch.randn(6, 8, requires_grad=True)
+    optimiser = torch.optim.SGD([student], lr=0.5)
+    for _ in range(200):
+        optimiser.zero_grad()
+        bank_contrast_loss(F.normalize(student, dim=1), teacher, bank, 0.1, 0.05).backward()
+        optimiser.step()
+    nearest = (F.normalize(student.detach(), dim=1) @ bank.T).argmax(1)
+    assert torch.equal(nearest, torch.arange(6))
 
 
 def test_forward_backward_reaches_every_parameter_and_a_step_lowers_the_loss(one_torch_thread):
@@ -352,6 +371,7 @@ def test_identity_crops_run_trains_only_the_identity_branch_and_a_joint_run_star
     assert crops.model.record.anchor_sizes == joint.model.record.anchor_sizes
     before = {k: v.clone() for k, v in crops.model.state_dict().items()}
     assert crops.run()["step"] == 2
+    assert "bank_contrast" not in (tmp_path / "crops" / "steps.csv").read_text().splitlines()[0]
     after = crops.model.state_dict()
     changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
     assert "identity" in changed and "heads" not in changed  # detection untouched
@@ -373,6 +393,17 @@ def test_identity_crops_run_trains_only_the_identity_branch_and_a_joint_run_star
     heads.run()
     after = heads.model.state_dict()
     assert {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])} == {"heads"}
+    # the bank term, when asked for, is one more logged and weighted term of the same steps (here with the
+    # forward pass in bf16 autocast, the losses in fp32)
+    contrast = run_for(TrainConfigV2(mode="identity-crops", out_dir=str(tmp_path / "contrast"), max_steps=1,
+                                     anchors_from=str(reference), loss_weights={"bank_contrast": 0.5}, bf16=True,
+                                     crops={"face_low": 20, "face_high": 30, "bank_face": 24,
+                                            "bank_contrast": True}, **tiny))
+    contrast.run()
+    header, row = (tmp_path / "contrast" / "steps.csv").read_text().splitlines()[:2]
+    value = float(row.split(",")[header.split(",").index("bank_contrast")])
+    assert 0 < value <= 2 / 0.05 + math.log(len(contrast.crops.bank))  # cosine logits span at most 2 / tau
+    assert contrast.crops.teacher_bank.shape == (len(contrast.crops.bank), 128)
     bad = TrainConfigV2(mode="crops", out_dir=str(tmp_path / "x"), **tiny)
     with pytest.raises(ValueError, match="unknown mode"):
         run_for(bad)

@@ -491,11 +491,31 @@ def relational_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tenso
     return (student_sim - teacher_sim)[off].pow(2).mean()
 
 
+def bank_contrast_loss(student: torch.Tensor, teacher: torch.Tensor, bank: torch.Tensor,
+                       student_temperature: float, teacher_temperature: float) -> torch.Tensor:
+    """Cross-entropy between the teacher's and the student's similarity distributions over a bank of
+    teacher vectors (SEED-style distillation against a memory bank).
+
+    ``student`` and ``teacher`` are unit ``(M, D)`` rows of the same faces, ``bank`` unit ``(N, D)`` teacher
+    vectors (the training faces, these among them). The target is ``softmax(teacher @ bank.T / tau_t)``:
+    nearly all its mass on the face itself and the teacher's near-duplicates of it (the same person), so the
+    student learns to be nearer its own teacher vector than to any other face's of tens of thousands, where
+    the in-batch ``relational`` term sees 47. That is the open-set question search asks of an embedding.
+    """
+    with torch.no_grad():
+        target = torch.softmax(teacher @ bank.T / teacher_temperature, dim=1)
+    log_student = torch.log_softmax(student @ bank.T / student_temperature, dim=1)
+    return -(target * log_student).sum(1).mean()
+
+
 def identity_losses(embeddings: torch.Tensor, teachers: torch.Tensor, teacher_valid: torch.Tensor,
                     identities: torch.Tensor, teacher_mean: torch.Tensor, margin_head: nn.Module | None = None,
-                    teacher_projection: nn.Module | None = None) -> dict[str, torch.Tensor]:
+                    teacher_projection: nn.Module | None = None, teacher_bank: torch.Tensor | None = None,
+                    bank_temperatures: tuple[float, float] = (0.05, 0.05)) -> dict[str, torch.Tensor]:
     """The identity terms of :func:`losses_v2` (unit ``(K, D)`` embeddings of ``K`` faces):
-    ``distill``, ``relational`` and, with a margin head, ``identity_margin``."""
+    ``distill``, ``relational``, with a margin head ``identity_margin``, and with ``teacher_bank`` (unit,
+    centred teacher vectors) ``bank_contrast`` (:func:`bank_contrast_loss` at ``bank_temperatures``,
+    student then teacher)."""
     zero = lambda tensor: tensor.sum() * 0.0  # noqa: E731 - an exact 0 in the graph
     losses = {}
     if bool(teacher_valid.any()):
@@ -505,8 +525,12 @@ def identity_losses(embeddings: torch.Tensor, teachers: torch.Tensor, teacher_va
             student = F.normalize(teacher_projection(student), dim=-1)
         losses["distill"] = (1.0 - (student * target).sum(-1)).mean()
         losses["relational"] = relational_loss(student, target)
+        if teacher_bank is not None:
+            losses["bank_contrast"] = bank_contrast_loss(student, target, teacher_bank, *bank_temperatures)
     else:
         losses["distill"] = losses["relational"] = zero(embeddings)
+        if teacher_bank is not None:
+            losses["bank_contrast"] = zero(embeddings)
     if margin_head is not None:
         known = identities >= 0
         if bool(known.any()):

@@ -61,6 +61,9 @@ class CropSettings:
     flip_probability: float = 0.5
     batch_size: int = 0         # crops per step (0: the run's batch_size)
     labelled_share: float = 0.0 # share of each batch drawn from faces of a known person (0: uniform over the bank)
+    bank_contrast: bool = False # add the ``bank_contrast`` term against every bank face's teacher vector
+    bank_student_temperature: float = 0.05  # equal temperatures: the loss is least where the student is the teacher
+    bank_teacher_temperature: float = 0.05
 
     @classmethod
     def from_dict(cls, values: dict) -> "CropSettings":
@@ -184,6 +187,7 @@ class CropSource:
         self.bank = build_bank(run.data.train, PhotoLoader(cache_items=0), self.settings, run.out_dir,
                                run.config.progress)
         run.data.counts["crop_bank_faces"] = len(self.bank)
+        self.teacher_bank = None  # unit centred teacher vectors of the bank, made at the first step
         (run.out_dir / "crops.json").write_text(json.dumps(asdict(self.settings), indent=2) + "\n")
         (run.out_dir / "data.json").write_text(json.dumps(run.data.counts, indent=2) + "\n")
 
@@ -194,11 +198,17 @@ class CropSource:
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         rois = jitter_boxes(torch.from_numpy(boxes), config.box_jitter, generator)
         images = normalise(torch.from_numpy(canvases), run.model.record)
-        embeddings = run.model.embed(run.model.identity_maps(images), rois, torch.arange(len(rois)))
+        with run.autocast():
+            embeddings = run.model.embed(run.model.identity_maps(images), rois, torch.arange(len(rois)))
+        embeddings = embeddings.float()
         teachers = torch.from_numpy(self.bank.teachers[chosen])
+        if self.settings.bank_contrast and self.teacher_bank is None:
+            self.teacher_bank = torch.nn.functional.normalize(
+                torch.from_numpy(self.bank.teachers).float() - run.model.teacher_mean, dim=1)
         losses = identity_losses(embeddings, teachers, torch.ones(len(chosen), dtype=torch.bool),
                                  torch.from_numpy(self.bank.identities[chosen]), run.model.teacher_mean,
-                                 run.margin_head, run.model.teacher_projection)
+                                 run.margin_head, run.model.teacher_projection, self.teacher_bank,
+                                 (self.settings.bank_student_temperature, self.settings.bank_teacher_temperature))
         return losses, round(float((boxes[:, 2] - boxes[:, 0]).mean()), 1)
 
 
