@@ -84,6 +84,7 @@ def test_jointface_search_finds_two_faces(run_cli, knn_dir, tmp_path):
     ("jointface", 0.95, 0.99),        # the default: int8 weights and activations (shipped int8 model)
     ("jointface-bf16", 0.9, 0.98),    # bf16 autocast: rounding of 8-bit mantissas
     ("jointface-onnx", 0.99, 0.999),  # ONNX Runtime convolutions: fp32, other summation order
+    ("jointface-compiled", 0.9, 0.98),  # bf16 weights and activations through torch.compile
 ])
 def test_fast_paths_match_the_reference_path(lfw_dir, fast_name, min_iou, min_cosine):
     """The default engine and the bf16 path against the network exactly as trained, on real faces.
@@ -112,6 +113,23 @@ def test_fast_paths_match_the_reference_path(lfw_dir, fast_name, min_iou, min_co
         within += ious[-1] > min_iou and float(np.dot(ref.embedding, quick.embedding)) > min_cosine
     assert len(ious) == 40 and within >= 38, f"{within} of 40 photos within IoU {min_iou} and cosine {min_cosine}"
     assert np.median(ious) > 0.98
+
+
+def test_a_compiled_engine_that_cannot_compile_says_so_when_made(monkeypatch):
+    """No C++ compiler (or another Inductor failure) is reported when the engine is made, with the way out."""
+    import torch
+
+    from jointface.engines.joint_engine import JointEngine
+    from jointface.weights_file import WeightsError
+
+    def broken(function, **options):
+        def run(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.raises(WeightsError, match="torch.compile could not build the network.*--engine jointface"):
+        JointEngine(runtime="compiled")
 
 
 def test_flip_engine_sees_a_photo_and_its_mirror_alike(lfw_dir):

@@ -52,6 +52,9 @@ JOINT_VARIANTS: dict[str, dict] = {
     "jointface-onnx": {"runtime": "onnx"},
     # quantised to int8 (`jointface quantize`) on ONNX Runtime; decoding and NMS as in torch
     "jointface-int8": {"runtime": "int8"},
+    # the dense part in bf16 compiled by torch.compile (oneDNN on AMX where the CPU has it): the fastest path
+    # on this project's machine for long jobs; the first batch of a process waits for the compilation
+    "jointface-compiled": {"runtime": "compiled"},
     # the default path with flip test-time augmentation: every photo also runs mirrored, and each face's
     # embedding is the mean of both views (about half the speed)
     "jointface-flip": {"runtime": "auto", "flip": True},

@@ -120,32 +120,39 @@ class JointEngine(Engine):
             from jointface.net.fuse import fuse_batchnorm
 
             self.model = fuse_batchnorm(self.model)
-        if runtime not in ("torch", "onnx", "int8", "auto"):
-            raise ValueError(f"unknown runtime {runtime!r}: use 'torch', 'onnx', 'int8' or 'auto'")
-        if runtime in ("onnx", "int8") and bf16:
-            raise ValueError("bf16 autocast is a torch option; the onnx runtime paths do not use it")
-        self._onnx = None
+        if runtime not in ("torch", "onnx", "int8", "auto", "compiled"):
+            raise ValueError(f"unknown runtime {runtime!r}: use 'torch', 'onnx', 'int8', 'compiled' or 'auto'")
+        if runtime in ("onnx", "int8", "compiled") and bf16:
+            raise ValueError("bf16 autocast is an option of the torch runtime; the others do not use it")
+        self._maps = None
         if runtime == "auto":  # int8 when these weights have their int8 model beside them, else torch
-            self._onnx = None if bf16 else self._int8_if_present(path, torch.get_num_threads())
-            runtime = "torch" if self._onnx is None else "int8"
+            self._maps = None if bf16 else self._int8_if_present(path, torch.get_num_threads())
+            runtime = "torch" if self._maps is None else "int8"
         elif runtime == "int8":  # quantised by `jointface quantize` from these weights, saved beside them
             from .onnx_runtime import Int8ModelError, OnnxMaps, int8_model_path
 
             try:
-                self._onnx = OnnxMaps.int8(int8_model_path(path), self._version, torch.get_num_threads())
+                self._maps = OnnxMaps.int8(int8_model_path(path), self._version, torch.get_num_threads())
             except Int8ModelError as exc:
+                raise WeightsError(str(exc)) from exc
+        elif runtime == "compiled":  # the dense part in bf16 through torch.compile (engines/compiled.py)
+            from .compiled import CompiledMaps, CompiledUnavailable
+
+            try:
+                self._maps = CompiledMaps(self.model)
+            except CompiledUnavailable as exc:
                 raise WeightsError(str(exc)) from exc
         elif runtime == "onnx":  # the convolutions in ONNX Runtime; decoding and NMS stay in torch
             from .onnx_runtime import OnnxMaps
 
-            self._onnx = OnnxMaps(self.model, f"{self._version}-{'fused' if self.fused else 'plain'}",
+            self._maps = OnnxMaps(self.model, f"{self._version}-{'fused' if self.fused else 'plain'}",
                                   threads=torch.get_num_threads())
         self.runtime = runtime
         #: the v2 identity head's int8 model (``<weights>.int8-head.onnx``, made with the int8 model) when the
         #: int8 path runs and it is there, else None: the head runs in torch
         self._onnx_head = self._int8_head(runtime == "int8", torch.get_num_threads())
-        if self._onnx is not None:
-            channels_last = False  # ONNX Runtime takes plain contiguous arrays
+        if self._maps is not None:
+            channels_last = False  # the torch model only decodes; the runtime lays out its own input
         self.channels_last = bool(channels_last)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -197,10 +204,10 @@ class JointEngine(Engine):
         the head runs in torch."""
         from .onnx_runtime import Int8ModelError, OnnxHead, int8_head_path
 
-        if not int8 or self.architecture != "v2" or not int8_head_path(self._onnx.path).is_file():
+        if not int8 or self.architecture != "v2" or not int8_head_path(self._maps.path).is_file():
             return None
         try:
-            return OnnxHead(int8_head_path(self._onnx.path), self._version, threads)
+            return OnnxHead(int8_head_path(self._maps.path), self._version, threads)
         except Int8ModelError as exc:
             import warnings
 
@@ -369,7 +376,7 @@ class JointEngine(Engine):
         if self.architecture == "v2":
             return self._detect_v2(images, placed, batch, lap)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            output = self.model(batch) if self._onnx is None else self.model.output_from_maps(*self._onnx(batch))
+            output = self.model(batch) if self._maps is None else self.model.output_from_maps(*self._maps(batch))
         lap("network")
         detections = postprocess(output, self.model.anchor_grid, self.conf_threshold, self.nms_iou, self.max_faces)
         if self.flip:
@@ -405,7 +412,7 @@ class JointEngine(Engine):
 
         count = len(images)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            maps = self.model.forward_maps(batch) if self._onnx is None else self._onnx(batch)
+            maps = self.model.forward_maps(batch) if self._maps is None else self._maps(batch)
             maps = [m.float() for m in maps]
         lap("network")
         with torch.inference_mode():
@@ -490,7 +497,7 @@ class JointEngine(Engine):
 
         with torch.inference_mode():
             images = torch.from_numpy(batch).to(self.device)
-            maps = self.model.forward_maps(images) if self._onnx is None else self._onnx(images)
+            maps = self.model.forward_maps(images) if self._maps is None else self._maps(images)
             maps = [m.float() for m in maps]
             return self.model.pool_faces(maps[3:], *boxes_and_images(self._decode(maps))).numpy()
 
