@@ -54,7 +54,7 @@ DEFAULT_METHOD = "chinese-whispers"
 #: at 0.86; 0.86 for f52113662273 with the int8 identity head, 0.85 with it in torch: the F1 curve is flat there;
 #: 0.86 for the fourth session's weights, 0.96 for the first v2 weights, 0.60 for v1's). Weights given as
 #: jointface@PATH use the shipped weights' value: measure them with the benchmark.
-DEFAULT_THRESHOLDS = {"dlib": 0.95, "dlib-cnn": 0.95, "jointface": 0.75, "jointface-flip": 0.75}
+DEFAULT_THRESHOLDS = {"dlib": 0.95, "dlib-cnn": 0.95, "jointface": 0.65, "jointface-flip": 0.65}
 #: HDBSCAN's ``min_samples`` (its threshold-free method has this one knob besides the cluster size).
 HDBSCAN_MIN_SAMPLES = 1
 HDBSCAN_BRUTE_UP_TO = 8000
