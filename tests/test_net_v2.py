@@ -627,6 +627,52 @@ def test_a_narrower_identity_stage_3_slimmed_from_a_full_one(one_torch_thread):
                         **bad)
 
 
+def test_an_own_stage_2_gives_identity_its_own_stride_8_map_and_leaves_detection_alone(one_torch_thread):
+    """``identity_stages [2, 3]``: identity's C3 comes from its own copy of stage 2 (on the shared stride-4 map),
+    so a run with the stem and stage 1 frozen teaches identity from finer features than detection's C3."""
+    torch.manual_seed(0)
+    own = JointNetV2(tiny_record(detection_neck="own")).eval()
+    deep = JointNetV2(tiny_record(detection_neck="own", identity_stages=[2, 3], identity_stage_width=12)).eval()
+    assert list(deep.identity_backbone) == ["layer2", "layer3"]
+    shapes = {key: value.shape for key, value in deep.state_dict().items()}
+    deep.load_state_dict({key: value for key, value in own.state_dict().items() if shapes.get(key) == value.shape},
+                         strict=False)  # identity's C4 lateral reads the narrower stage: its own
+    assert deep.split_identity_stages() == ["layer2"]  # the narrower stage 3 cannot be a copy: left as it is
+    for key, value in own.backbone.layer2.state_dict().items():
+        assert torch.equal(deep.identity_backbone["layer2"].state_dict()[key], value)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = deep.forward_maps(images)
+        for a, b in zip(own.forward_maps(images)[:3], before[:3]):  # detection is the shared network's
+            assert torch.allclose(a, b, atol=1e-6)
+        for a, b in zip(before[3:], deep.identity_maps(images)):
+            assert torch.allclose(a, b, atol=1e-6)
+        deep.identity_backbone["layer2"][0].conv1.weight.mul_(0.5)  # identity's C3 is now its own
+        after = deep.forward_maps(images)
+        for a, b in zip(before[:3], after[:3]):
+            assert torch.equal(a, b)
+        assert not torch.allclose(before[3], after[3])
+    # with the stem and stage 1 frozen, identity's loss reaches its own stage 2 and no weight detection reads
+    deep.train()
+    deep.frozen_stages = 2
+    embeddings = deep.embed(deep.identity_maps(images), torch.tensor([[8.0, 8.0, 40.0, 40.0], [4.0, 10.0, 30.0, 50.0]]),
+                            torch.tensor([0, 1]), normalise=False)
+    embeddings.square().sum().backward()
+    reached = {name.rsplit(".", 3)[0] for name, p in deep.named_parameters()
+               if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any(name.startswith("identity_backbone.layer2") for name in reached)
+    # (the backbone's stages 3-4 still make identity's C5, as with identity_stages [3]: a run's `trainable`
+    # keeps them as they are)
+    assert not any(name.startswith(("backbone.conv1", "backbone.layer1", "backbone.layer2", "heads", "detection_"))
+                   for name in reached)
+    assert ModelRecordV2.from_dict(deep.record.to_dict()).identity_stages == [2, 3]
+    for bad in ([2], [2, 4]):
+        with pytest.raises(ValueError, match="identity"):
+            tiny_record(detection_neck="own", identity_stages=bad)
+    with pytest.raises(ValueError, match="identity_stage_width"):
+        tiny_record(detection_neck="own", identity_stages=[2, 3, 4], identity_stage_width=12)
+
+
 def test_init_state_renames_tensors_and_takes_margin_rows_by_class_name(tmp_path, one_torch_thread):
     from jointface.net.model import MarginClassifier
     from jointface.train.v2 import load_parts, margin_rows

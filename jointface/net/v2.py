@@ -7,8 +7,8 @@ Architecture::
       -> per level a YOLO head: 3x3 conv + ReLU -> 1x1 conv: per anchor 4 box numbers + 1 face logit
          (``detection_neck="own"``: the heads read a second FPN on the same C3-C5, so detection's
          gradients never reach the features identity reads)
-         (``identity_stages``: identity's FPN reads its own copies of stages 3-4, from C3 on, so a run
-         that teaches identity can leave every weight detection uses as it was)
+         (``identity_stages``: identity's FPN reads its own copies of stages 2-4 (from C2 on with stage 2,
+         else from C3 on), so a run that teaches identity can leave every weight detection uses as it was)
       -> identity map: 3x3 conv + BN + ReLU on P3 and P4 (shared weights)
       -> RoIAlign of each face box (enlarged by ``roi_margin``) from P3 (small faces) or P4
          (faces of ``roi_split`` px and more) into ``roi_size x roi_size``
@@ -73,13 +73,14 @@ class ModelRecordV2:
     #: ``shared``: detection heads and the identity map read one FPN; ``own``: detection has an FPN of its
     #: own on the same backbone maps, so detection training leaves identity's features alone (issue 15)
     detection_neck: str = "shared"
-    #: the backbone stages the identity branch has copies of its own: ``[3, 4]`` (stages 3 and 4 run twice from
-    #: the stride-8 map, once for detection and once, with identity's weights, for identity), ``[4]`` (identity's
-    #: C4 is the backbone's) or ``[3]`` (identity's C4 its own, its C5 the backbone's), so identity can learn
-    #: with detection's every weight fixed (issue 15). The counts 0, 1 and 2 of older records mean ``[]``,
-    #: ``[4]`` and ``[3, 4]`` (the last N stages)
+    #: the backbone stages the identity branch has copies of its own, consecutive: ``[3, 4]`` (stages 3 and 4 run
+    #: twice from the stride-8 map, once for detection and once, with identity's weights, for identity), ``[4]``
+    #: (identity's C4 is the backbone's), ``[3]`` (identity's C4 its own, its C5 the backbone's) or, from the
+    #: stride-4 map, ``[2, 3]`` / ``[2, 3, 4]`` (identity's C3 its own too), so identity can learn with
+    #: detection's every weight fixed (issue 15). The counts 0, 1 and 2 of older records mean ``[]``, ``[4]``
+    #: and ``[3, 4]`` (the last N stages)
     identity_stages: list[int] | int = field(default_factory=list)
-    #: planes of identity's own stage 3 (``identity_stages == [3]``): 0 is the backbone's (a copy); fewer make
+    #: planes of identity's own stage 3 (``identity_stages`` with 3, without 4): 0 is the backbone's; fewer make
     #: identity's extra stage cheaper (a ResNet18 stage 3 of 128 planes costs about 0.3 of one of 256)
     identity_stage_width: int = 0
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
@@ -107,10 +108,11 @@ class ModelRecordV2:
         self.identity_stages = identity_stage_list(self.identity_stages)
         if self.identity_stages and self.detection_neck != "own":
             raise ValueError("identity stages of its own need a detection neck of its own (detection_neck 'own')")
-        if self.identity_stage_width and (self.identity_stages != [3] or self.identity_stage_width < 0):
+        if self.identity_stage_width and (3 not in self.identity_stages or 4 in self.identity_stages
+                                          or self.identity_stage_width < 0):
             raise ValueError("identity_stage_width sets the planes of identity's own stage 3, so it needs "
-                             f"identity_stages [3] and a positive width: {self.identity_stage_width!r}, "
-                             f"stages {self.identity_stages!r}")
+                             "identity_stages with stage 3 and without stage 4 (which reads a full-width C4) and a "
+                             f"positive width: {self.identity_stage_width!r}, stages {self.identity_stages!r}")
 
     @property
     def stride(self) -> int:
@@ -120,14 +122,18 @@ class ModelRecordV2:
 def identity_stage_list(stages: Sequence[int] | int) -> list[int]:
     """``identity_stages`` as a sorted list of stage numbers (a count N of an older record: the last N stages)."""
     if isinstance(stages, bool):
-        raise ValueError(f"identity_stages must be a list of stages (3, 4) or a count 0, 1 or 2: {stages!r}")
+        raise ValueError(f"identity_stages must be a list of stages (2-4) or a count 0, 1 or 2: {stages!r}")
     if isinstance(stages, int):
         if stages not in (0, 1, 2):
-            raise ValueError(f"identity_stages must be a list of stages (3, 4) or a count 0, 1 or 2: {stages!r}")
+            raise ValueError(f"identity_stages must be a list of stages (2-4) or a count 0, 1 or 2: {stages!r}")
         return [3, 4][2 - stages:] if stages else []
     chosen = sorted(set(int(stage) for stage in stages))
-    if len(chosen) != len(list(stages)) or not set(chosen) <= {3, 4}:
-        raise ValueError(f"identity_stages must name stages 3 and/or 4, each once: {list(stages)!r}")
+    consecutive = chosen == list(range(chosen[0], chosen[0] + len(chosen))) if chosen else True
+    if len(chosen) != len(list(stages)) or not set(chosen) <= {2, 3, 4} or not consecutive:
+        raise ValueError(f"identity_stages must name consecutive stages of 2-4, each once: {list(stages)!r}")
+    if chosen == [2]:
+        raise ValueError("identity's own stage 2 needs its own stage 3 too (identity_stages [2, 3]): the "
+                         "backbone's stage 3 reads the backbone's C3")
     return chosen
 
 
@@ -289,15 +295,22 @@ class JointNetV2(nn.Module):
         self.detection_lateral.load_state_dict(self.lateral.state_dict())
         self.detection_smooth.load_state_dict(self.smooth.state_dict())
 
-    def split_identity_stages(self) -> None:
-        """Start the identity branch's own stages as copies of the backbone's."""
+    def split_identity_stages(self) -> list[str]:
+        """Start the identity branch's own stages as copies of the backbone's; a narrower stage 3 is left as
+        it is (it cannot be a copy: start it from a slimmed network, benchmarks/joint_v2/slim_stage3/slim.py).
+        Returns the stages copied."""
         if not self.record.identity_stages:
             raise ValueError("this network's identity branch has no stages of its own (identity_stages is 0)")
-        if self.record.identity_stage_width:
-            raise ValueError("identity's own stage 3 is narrower than the backbone's: it cannot start as a copy "
-                             "(start it from a slimmed network, benchmarks/joint_v2/slim_stage3/slim.py)")
+        copied = []
         for name, stage in self.identity_backbone.items():
+            if name == "layer3" and self.record.identity_stage_width:
+                continue
             stage.load_state_dict(getattr(self.backbone, name).state_dict())
+            copied.append(name)
+        if not copied:
+            raise ValueError("identity's only own stage is a stage 3 narrower than the backbone's: it cannot start "
+                             "as a copy (start it from a slimmed network, benchmarks/joint_v2/slim_stage3/slim.py)")
+        return copied
 
     # ------------------------------------------------------------------ the dense part (one pass per photo)
     def anchor_grids(self) -> list[AnchorGrid]:
@@ -317,12 +330,12 @@ class JointNetV2(nn.Module):
         """``(B, 3, H, W)`` -> 3 detection maps ``(B, A*5, G_h, G_w)`` (s8, s16, s32) and 2 identity maps
         ``(B, C, H/8, W/8)``, ``(B, C, H/16, W/16)``. Everything dense, and nothing else: the part exported
         to ONNX Runtime."""
-        c3, c4, c5 = self._backbone_maps(images)
+        c2, c3, c4, c5 = self._backbone_maps(images)
         if self.detection_lateral is None:
             p3, p4, p5 = self._top_down(self.lateral, self.smooth, c3, c4, c5)
             detection_levels = (p3, p4, p5)
         else:  # identity needs P3 and P4 of its FPN only; detection reads its own three levels
-            p3, p4 = self._identity_levels(c3, c4, c5)
+            p3, p4 = self._identity_levels(c2, c3, c4, c5)
             detection_levels = self._top_down(self.detection_lateral, self.detection_smooth, c3, c4, c5)
         detection = [head(p) for head, p in zip(self.heads, detection_levels)]
         return (*detection, self.identity_map(p3), self.identity_map(p4))
@@ -335,23 +348,27 @@ class JointNetV2(nn.Module):
         return self.identity_map(p3), self.identity_map(p4)
 
     def _backbone_maps(self, images: torch.Tensor, stages: int = 4) -> tuple[torch.Tensor | None, ...]:
-        """C3, C4, C5 of the shared backbone (``None`` past ``stages``)."""
+        """C2 (stage 1's output, stride 4), C3, C4, C5 of the shared backbone (``None`` past ``stages``)."""
         b = self.backbone
         grad = torch.is_grad_enabled()
         with torch.set_grad_enabled(grad and self.frozen_stages < 1):
-            x = b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(images)))))
+            c2 = b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(images)))))
+        if stages < 2:
+            return c2, None, None, None
         with torch.set_grad_enabled(grad and self.frozen_stages < 2):
-            c3 = b.layer2(x)
+            c3 = b.layer2(c2)
         if stages < 3:
-            return c3, None, None
+            return c2, c3, None, None
         with torch.set_grad_enabled(grad and self.frozen_stages < 3):
             c4 = b.layer3(c3)
-        return c3, c4, (b.layer4(c4) if stages > 3 else None)
+        return c2, c3, c4, (b.layer4(c4) if stages > 3 else None)
 
-    def _identity_levels(self, c3: torch.Tensor, c4: torch.Tensor | None, c5: torch.Tensor | None
-                         ) -> list[torch.Tensor]:
-        """P3 and P4 of identity's FPN: on the shared C3-C5, with C4 and/or C5 from identity's own stages."""
+    def _identity_levels(self, c2: torch.Tensor, c3: torch.Tensor | None, c4: torch.Tensor | None,
+                         c5: torch.Tensor | None) -> list[torch.Tensor]:
+        """P3 and P4 of identity's FPN: on the shared C3-C5, with C3, C4 and/or C5 from identity's own stages."""
         own = self.identity_backbone
+        if "layer2" in own:
+            c3 = own["layer2"](c2)
         if "layer3" in own:
             c4 = own["layer3"](c3)
         if "layer4" in own:
