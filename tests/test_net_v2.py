@@ -437,6 +437,22 @@ def test_a_truncated_crop_bank_is_cut_again(tmp_path, lfw_dir):
     assert np.array_equal(np.asarray(again.images), first)
 
 
+def test_a_limited_bank_is_a_seeded_subset_of_the_whole():
+    from jointface.train.crops import CropBank, limit_bank
+
+    bank = CropBank(np.arange(10 * 2 * 2 * 3, dtype=np.uint8).reshape(10, 2, 2, 3),
+                    np.arange(40, dtype=np.float32).reshape(10, 4), np.eye(10, 128, dtype=np.float32),
+                    np.arange(10) - 3)
+    small = limit_bank(bank, 4, seed=7)
+    assert len(small) == 4 and small.images.shape == (4, 2, 2, 3)
+    rows = [int(np.argmax(t)) for t in small.teachers]  # each face keeps its own image, box, teacher and identity
+    assert rows == sorted(set(rows))
+    assert np.array_equal(small.images, bank.images[rows]) and np.array_equal(small.boxes, bank.boxes[rows])
+    assert np.array_equal(small.identities, bank.identities[rows])
+    assert [int(np.argmax(t)) for t in limit_bank(bank, 4, seed=7).teachers] == rows  # seeded
+    assert limit_bank(bank, 0, seed=7) is bank and limit_bank(bank, 10, seed=7) is bank
+
+
 def test_a_mixed_run_learns_detection_and_identity_on_crops_in_one_step(tmp_path, lfw_dir, one_torch_thread):
     import csv
 

@@ -61,6 +61,7 @@ class CropSettings:
     flip_probability: float = 0.5
     batch_size: int = 0         # crops per step (0: the run's batch_size)
     labelled_share: float = 0.0 # share of each batch drawn from faces of a known person (0: uniform over the bank)
+    bank_limit: int = 0         # train on this many bank faces only (a seeded choice; 0: all): a fit test
     bank_contrast: bool = False # add the ``bank_contrast`` term against every bank face's teacher vector
     bank_student_temperature: float = 0.05  # equal temperatures: the loss is least where the student is the teacher
     bank_teacher_temperature: float = 0.05
@@ -134,6 +135,16 @@ def build_bank(photos, loader: PhotoLoader, settings: CropSettings, folder: Path
     return CropBank(np.load(images_path, mmap_mode="r"), boxes, teachers, identities)
 
 
+def limit_bank(bank: CropBank, count: int, seed: int) -> CropBank:
+    """``count`` faces of ``bank`` chosen at random (seeded), in bank order, held in memory; the whole bank
+    when it has no more. A small bank is a fit test: can the network learn its teacher on faces it sees often?"""
+    if count <= 0 or count >= len(bank):
+        return bank
+    chosen = np.sort(np.random.default_rng(seed).choice(len(bank), size=count, replace=False))
+    return CropBank(np.ascontiguousarray(bank.images[chosen]), bank.boxes[chosen], bank.teachers[chosen],
+                    bank.identities[chosen])
+
+
 def crop_batch(bank: CropBank, settings: CropSettings, batch_size: int, seed: int, step: int
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Batch number ``step`` (deterministic): canvases ``(B, C, C, 3)`` uint8, face boxes ``(B, 4)`` in canvas
@@ -186,6 +197,9 @@ class CropSource:
         self.batch_size = self.settings.batch_size or run.config.batch_size
         self.bank = build_bank(run.data.train, PhotoLoader(cache_items=0), self.settings, run.out_dir,
                                run.config.progress)
+        if self.settings.bank_limit:
+            run.data.counts["crop_bank_faces_cut"] = len(self.bank)
+            self.bank = limit_bank(self.bank, self.settings.bank_limit, run.config.seed)
         run.data.counts["crop_bank_faces"] = len(self.bank)
         self.teacher_bank = None  # unit centred teacher vectors of the bank, made at the first step
         (run.out_dir / "crops.json").write_text(json.dumps(asdict(self.settings), indent=2) + "\n")
