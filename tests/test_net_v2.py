@@ -716,3 +716,15 @@ def test_init_state_renames_tensors_and_takes_margin_rows_by_class_name(tmp_path
     assert margin_rows(["x"], ["x"], torch.ones(1, 5), other) == 0  # another embedding size: nothing
     with pytest.raises(ValueError, match="init_state part"):
         load_parts(target, head, [[str(weights)]])
+
+
+def test_the_identity_head_takes_its_widths_from_the_record(one_torch_thread):
+    wide = JointNetV2(tiny_record(identity_head_widths=[24, 40])).eval()
+    assert wide.identity.convs[0].out_channels == 24 and wide.identity.convs[3].out_channels == 40
+    maps = wide.forward_maps(torch.randn(1, 3, 64, 64))
+    assert wide.embed(maps[3:], torch.tensor([[8.0, 8.0, 40.0, 40.0]]), torch.tensor([0])).shape[1] == \
+        wide.record.embedding_dim
+    assert ModelRecordV2.from_dict(wide.record.to_dict()).identity_head_widths == [24, 40]
+    assert ModelRecordV2().identity_head_widths == [192, 256]  # older records: the head they were built with
+    with pytest.raises(ValueError, match="identity_head_widths"):
+        tiny_record(identity_head_widths=[24])

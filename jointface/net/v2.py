@@ -68,6 +68,8 @@ class ModelRecordV2:
     identity_channels: int = 128
     embedding_dim: int = 128
     roi_size: int = 8
+    #: channels of the identity head's two convolutions (the second halves the RoI; issue 15's fit test)
+    identity_head_widths: list[int] = field(default_factory=lambda: [192, 256])
     roi_margin: float = 1.25
     roi_split: float = 112.0
     #: ``shared``: detection heads and the identity map read one FPN; ``own``: detection has an FPN of its
@@ -103,6 +105,9 @@ class ModelRecordV2:
         return cls(**values)
 
     def __post_init__(self) -> None:
+        if len(self.identity_head_widths) != 2 or min(self.identity_head_widths) < 1:
+            raise ValueError(f"identity_head_widths is two channel counts: {self.identity_head_widths!r}")
+        self.identity_head_widths = [int(width) for width in self.identity_head_widths]
         if self.detection_neck not in DETECTION_NECKS:
             raise ValueError(f"detection_neck must be one of {DETECTION_NECKS}: {self.detection_neck!r}")
         self.identity_stages = identity_stage_list(self.identity_stages)
@@ -204,14 +209,15 @@ def enlarge(boxes: torch.Tensor, factor: float) -> torch.Tensor:
 class IdentityHead(nn.Module):
     """``(K, C, R, R)`` aligned face features -> ``(K, D)`` embeddings (not normalised)."""
 
-    def __init__(self, in_channels: int, roi_size: int, embedding_dim: int, width: int = 192):
+    def __init__(self, in_channels: int, roi_size: int, embedding_dim: int, widths: Sequence[int] = (192, 256)):
         super().__init__()
+        width, out = widths
         self.convs = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.Conv2d(width, 256, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
+            nn.Conv2d(width, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True),
         )
         side = (roi_size + 1) // 2
-        self.fc = nn.Linear(256 * side * side, embedding_dim)
+        self.fc = nn.Linear(out * side * side, embedding_dim)
         self.bn = nn.BatchNorm1d(embedding_dim)
 
     def forward(self, rois: torch.Tensor) -> torch.Tensor:
@@ -251,7 +257,8 @@ class JointNetV2(nn.Module):
                 bias[:, 4] = logit(FACE_PRIOR)
         self.identity_map = nn.Sequential(nn.Conv2d(channels, record.identity_channels, 3, padding=1, bias=False),
                                           nn.BatchNorm2d(record.identity_channels), nn.ReLU(inplace=True))
-        self.identity = IdentityHead(record.identity_channels, record.roi_size, record.embedding_dim)
+        self.identity = IdentityHead(record.identity_channels, record.roi_size, record.embedding_dim,
+                                     record.identity_head_widths)
         #: the identity branch's own copies of the backbone stages ``identity_stages`` (``layer3``, ``layer4``);
         #: they start as copies of the backbone's (:meth:`split_identity_stages`)
         self.identity_backbone = nn.ModuleDict()

@@ -70,6 +70,7 @@ class TrainConfigV2:
     identity_channels: int = 128
     embedding_dim: int = 128
     roi_size: int = 8
+    identity_head_widths: list[int] = field(default_factory=lambda: [192, 256])
     roi_margin: float = 1.25
     #: ``shared`` or ``own`` (see :class:`jointface.net.v2.ModelRecordV2`); with ``split_detection_neck`` the
     #: own detection FPN starts as a copy of the shared FPN after ``init_state`` (a shared-neck network's weights)
@@ -422,6 +423,7 @@ class Run:
                                    anchor_sizes=self._anchors(), fpn_channels=config.fpn_channels,
                                    identity_channels=config.identity_channels, embedding_dim=config.embedding_dim,
                                    roi_size=config.roi_size, roi_margin=config.roi_margin,
+                                   identity_head_widths=config.identity_head_widths,
                                    detection_neck=config.detection_neck, identity_stages=config.identity_stages,
                                    identity_stage_width=config.identity_stage_width,
                                    class_names=self.data.class_names, training_command=" ".join(sys.argv),

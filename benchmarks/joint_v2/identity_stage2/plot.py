@@ -14,7 +14,8 @@ import numpy as np  # noqa: E402
 
 HERE = Path(__file__).parent
 ARMS = {"control": "shipped layout [3]", "stage2": "own stage 2 [2, 3]", "nojitter": "no box jitter",
-        "lr1e3": "lr 1e-3", "fit2000": "fit test: 2,000 faces, each ~19 times"}
+        "lr1e3": "lr 1e-3", "fit2000": "fit test: 2,000 faces, each ~19 times",
+        "fit2000_fresh": "fit test, head afresh (192, 256)", "fit2000_wide": "fit test, head afresh (512, 512)"}
 
 
 def main() -> None:
