@@ -259,7 +259,7 @@ class JointNetV2(nn.Module):
                                           nn.BatchNorm2d(record.identity_channels), nn.ReLU(inplace=True))
         self.identity = IdentityHead(record.identity_channels, record.roi_size, record.embedding_dim,
                                      record.identity_head_widths)
-        #: the identity branch's own copies of the backbone stages ``identity_stages`` (``layer3``, ``layer4``);
+        #: the identity branch's own copies of the backbone stages ``identity_stages`` (``layer2``-``layer4``);
         #: they start as copies of the backbone's (:meth:`split_identity_stages`)
         self.identity_backbone = nn.ModuleDict()
         if record.identity_stages:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "item4"))
-from evaluate import open_set  # noqa: E402 - item 4's open-set measure, the same here
+from evaluate import open_set, p2_photos  # noqa: E402 - item 4's P2 photos and open-set measure
 
 SIZES = (128, 160, 192, 224, 256, 288, 320)
 
@@ -99,14 +99,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from jointface.imageio import load_image
-    from jointface.train.v2 import embed_boxes, p2_proxy_set, proxy_rank1, v2_network
+    from jointface.train.v2 import embed_boxes, proxy_rank1, v2_network
 
     torch.set_num_threads(2)
-    photos = p2_proxy_set(args.labels, 100_000)
-    people = [person for person, _, _ in photos]
-    images = [load_image(path) for _, path, _ in photos]
-    print(f"{len(set(people))} P2 people, {len(photos)} photos", flush=True)
+    photos, people, images = p2_photos(args.labels)
+    raw_teachers = teacher_vectors(args.labels, photos)
     results = {"labels": args.labels, "people": len(set(people)), "photos": len(photos), "weights": {}}
     for weights in args.weights:
         model = v2_network(weights)
@@ -114,10 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.roi_split is not None:
             model.record.roi_split = args.roi_split
             name += f" (roi_split {args.roi_split:g})"
-        teacher_mean = model.teacher_mean.numpy() if hasattr(model, "teacher_mean") else None
-        teachers = teacher_vectors(args.labels, photos)
-        if teacher_mean is not None:
-            teachers = teachers - teacher_mean
+        teachers = raw_teachers - model.teacher_mean.numpy()  # the distillation target: centred, unit
         teachers /= np.linalg.norm(teachers, axis=1, keepdims=True)
         rows = []
         for size in args.sizes:

@@ -55,6 +55,19 @@ def open_set(people: list[str], embeddings: np.ndarray, fpir: float = 0.01) -> d
             "strangers": len(strangers)}
 
 
+def p2_photos(labels: str) -> tuple[list[tuple[str, str, list[float]]], list[str], list]:
+    """Every LFW P2 person's photos with 2-5 each (``(person, path, landmark box)``), their people and the
+    decoded images, in the same order."""
+    from jointface.imageio import load_image
+    from jointface.train.v2 import p2_proxy_set
+
+    photos = p2_proxy_set(labels, 100_000)
+    people = [person for person, _, _ in photos]
+    images = [load_image(path) for _, path, _ in photos]
+    print(f"{len(set(people))} P2 people, {len(photos)} photos", flush=True)
+    return photos, people, images
+
+
 ARMS = ("distill", "no_distill", "lfw_only", "emb256", "roi12")
 
 
@@ -104,16 +117,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from jointface.imageio import load_image
-    from jointface.train.v2 import embed_boxes, p2_proxy_set, proxy_rank1, v2_network
+    from jointface.train.v2 import embed_boxes, proxy_rank1, v2_network
 
     torch.set_num_threads(2)
-    photos = p2_proxy_set(args.labels, 100_000)
-    people = [person for person, _, _ in photos]
+    photos, people, images = p2_photos(args.labels)
     first150 = sorted(set(people))[:150]
     in150 = [person in set(first150) for person in people]
-    images = [load_image(path) for _, path, _ in photos]
-    print(f"{len(set(people))} P2 people, {len(photos)} photos", flush=True)
     results = {"labels": args.labels, "people": len(set(people)), "photos": len(photos), "runs": {}}
     for run in args.runs:
         model = v2_network(run / "jointface.pt")
