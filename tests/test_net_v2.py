@@ -718,6 +718,45 @@ def test_init_state_renames_tensors_and_takes_margin_rows_by_class_name(tmp_path
         load_parts(target, head, [[str(weights)]])
 
 
+def test_a_wider_identity_head_grown_from_trained_weights_starts_as_their_function(tmp_path, one_torch_thread):
+    from jointface.train.v2 import grow_tensor, load_parts
+    from jointface.weights_file import write_weights
+
+    torch.manual_seed(0)
+    source = JointNetV2(tiny_record(identity_head_widths=[12, 16]))
+    with torch.no_grad():  # trained-looking statistics, so that eval mode exercises them
+        for module in source.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    weights = tmp_path / "source.pt"
+    write_weights(weights, record=source.record.to_dict(), state_dict=source.state_dict(), identity_heads={},
+                  training={}, format_version=None)
+    wide = JointNetV2(tiny_record(identity_head_widths=[20, 28]))
+    said = load_parts(wide, None, [[str(weights), ["backbone.", "lateral.", "smooth.", "identity_map.", "identity."]]],
+                      grow=["identity."])
+    assert "grown into wider layers" in said[0]
+    source.eval(), wide.eval()
+    images, boxes = torch.randn(2, 3, 64, 64), torch.tensor([[8.0, 8.0, 40.0, 40.0], [4.0, 10.0, 30.0, 50.0]])
+    with torch.no_grad():
+        embedded = [net.embed(net.forward_maps(images)[3:], boxes, torch.tensor([0, 1]), normalise=False)
+                    for net in (source, wide)]
+    assert torch.allclose(embedded[0], embedded[1], atol=1e-5)
+    # the new channels are there and learn: the second conv reads them with weight zero, their own weights are not
+    first, second = wide.identity.convs[0].weight, wide.identity.convs[3].weight
+    assert first[12:].abs().sum() > 0 and second[:, 12:].abs().sum() == 0 and second[16:, :12].abs().sum() > 0
+    wide.train()
+    wide.embed(wide.forward_maps(images)[3:], boxes, torch.tensor([0, 1]), normalise=False).square().sum().backward()
+    assert second.grad[:, 12:].abs().sum() > 0
+    # without `grow` a smaller tensor is left out, as before; a larger one never grows into a smaller layer
+    fresh = JointNetV2(tiny_record(identity_head_widths=[20, 28]))
+    before = fresh.identity.fc.weight.detach().clone()
+    load_parts(fresh, None, [[str(weights), ["identity."]]])
+    assert torch.equal(fresh.identity.fc.weight, before)
+    with pytest.raises(ValueError, match="cannot grow"):
+        grow_tensor(torch.zeros(4, 4), torch.zeros(5, 4))
+
+
 def test_the_identity_head_takes_its_widths_from_the_record(one_torch_thread):
     wide = JointNetV2(tiny_record(identity_head_widths=[24, 40])).eval()
     assert wide.identity.convs[0].out_channels == 24 and wide.identity.convs[3].out_channels == 40

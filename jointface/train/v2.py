@@ -30,6 +30,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -57,6 +58,11 @@ class TrainConfigV2:
     #: starts identity's own stages from another network's backbone). The margin head's rows are taken by class
     #: name when the class lists differ
     init_state: list = field(default_factory=list)
+    #: names' prefixes (``["identity."]``) under which ``init_state`` also takes tensors *smaller* than the
+    #: network's (a wider layer than the source's): the source fills the leading corner and the layer reads its
+    #: new input channels with weight zero (:func:`grow_tensor`), so the grown network starts as the source
+    #: network's function and its new channels learn from there
+    grow: list = field(default_factory=list)
     anchors_from: str | None = None       # a v2 weights file whose anchors this network takes (no k-means)
     #: only the parameters whose names start with one of these prefixes learn (``margin.``: the margin head);
     #: empty: all. Frozen BatchNorm layers keep their statistics (eval mode)
@@ -197,8 +203,24 @@ def v2_network(path: str | Path) -> JointNetV2:
     return model.eval()
 
 
-def load_parts(model: nn.Module, margin_head: nn.Module | None, parts: list) -> list[str]:
-    """Apply ``init_state`` (see :class:`TrainConfigV2`); returns a line per part saying what was taken."""
+def grow_tensor(fresh: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``source`` placed in the leading corner of ``fresh`` (the same layer, wider: more output and/or input
+    channels). The new input channels are read with weight zero, so a network grown layer by layer computes
+    what the source network computed (new output channels keep ``fresh``'s random start and learn; with
+    channel-major flattening a linear layer after a wider conv grows the same way)."""
+    if fresh.dim() != source.dim() or any(s > f for s, f in zip(source.shape, fresh.shape)):
+        raise ValueError(f"cannot grow a tensor of shape {tuple(source.shape)} into {tuple(fresh.shape)}")
+    grown = fresh.detach().clone()
+    if grown.dim() >= 2:
+        grown[:, source.shape[1]:] = 0
+    grown[tuple(slice(0, side) for side in source.shape)] = source
+    return grown
+
+
+def load_parts(model: nn.Module, margin_head: nn.Module | None, parts: list, grow: Sequence[str] = ()
+               ) -> list[str]:
+    """Apply ``init_state`` (see :class:`TrainConfigV2`); returns a line per part saying what was taken.
+    Tensors under a ``grow`` prefix may be smaller than the network's (:func:`grow_tensor`)."""
     said = []
     for part in parts:
         if len(part) not in (2, 3):
@@ -206,7 +228,7 @@ def load_parts(model: nn.Module, margin_head: nn.Module | None, parts: list) -> 
         path, prefixes, renames = part[0], part[1], (part[2] if len(part) == 3 else {})
         record, state, margin = v2_state(path)
         own = model.state_dict()
-        taken = {}
+        taken, grown = {}, 0
         for name, value in state.items():
             if not name.startswith(tuple(prefixes)):
                 continue
@@ -216,9 +238,13 @@ def load_parts(model: nn.Module, margin_head: nn.Module | None, parts: list) -> 
                     break
             if name in own and own[name].shape == value.shape:
                 taken[name] = value
+            elif name in own and name.startswith(tuple(grow)) and own[name].dim() == value.dim():
+                taken[name] = grow_tensor(own[name], value)
+                grown += 1
         model.load_state_dict(taken, strict=False)
         line = f"{path}: {len(taken)} network tensors ({', '.join(prefixes)}"
         line += f"; renamed {renames})" if renames else ")"
+        line += f", {grown} of them grown into wider layers" if grown else ""
         weight = margin.get("margin.weight")
         if margin_head is not None and "margin." in prefixes and weight is not None:
             rows = margin_rows(record.get("class_names", []), model.record.class_names, weight, margin_head.weight)
@@ -436,7 +462,7 @@ class Run:
         if resume is None and config.init_weights:
             self.model.backbone.load_state_dict(backbone_from_weights(config.init_weights))
         if resume is None and config.init_state:
-            for line in load_parts(self.model, self.margin_head, config.init_state):
+            for line in load_parts(self.model, self.margin_head, config.init_state, config.grow):
                 print(f"init: {line}", flush=True)
         if resume is None and config.split_detection_neck:
             self.model.split_detection_neck()
