@@ -767,3 +767,52 @@ def test_the_identity_head_takes_its_widths_from_the_record(one_torch_thread):
     assert ModelRecordV2().identity_head_widths == [192, 256]  # older records: the head they were built with
     with pytest.raises(ValueError, match="identity_head_widths"):
         tiny_record(identity_head_widths=[24])
+
+
+def test_mixup_views_carry_dlibs_own_descriptor_of_each_blend_and_resume(tmp_path, lfw_dir):
+    import dlib
+
+    from jointface.datasets.build import PhotoLoader, build_training_set
+    from jointface.train.crops import CropSettings, build_bank
+    from jointface.train.views import blend, build_views, dlib_models, view_recipe, with_views
+
+    data = build_training_set(_labels(tmp_path, lfw_dir))
+    folder = tmp_path / "run"
+    bank = build_bank(data.train, PhotoLoader(), CropSettings(bank_face=100, bank_context=2.6), folder, progress=False)
+    views = build_views(bank, folder / "bank.npy", 5, 0, folder, workers=1, progress=False, chunk_size=2)
+    pairs, weights = view_recipe(5, len(bank), 0)
+    assert views.images.shape == (5, 260, 260, 3) and (views.identities == -1).all()
+    assert (pairs[:, 0] != pairs[:, 1]).all() and ((weights >= 0.2) & (weights <= 0.8)).all()
+    for row in range(5):
+        assert np.array_equal(views.images[row], blend(bank.images, pairs[row], float(weights[row])))
+    # the target is dlib's descriptor of the blend itself, not a blend of the two faces' descriptors
+    landmarks, network = dlib_models()
+    view, box = np.ascontiguousarray(views.images[3]), views.boxes[3]
+    shape = dlib.shape_predictor(str(landmarks))(view, dlib.rectangle(*(int(round(float(v))) for v in box)))
+    direct = np.asarray(dlib.face_recognition_model_v1(str(network)).compute_face_descriptor(view, shape))
+    assert np.allclose(views.teachers[3], direct, atol=1e-5)
+    mixed = weights[3] * bank.teachers[pairs[3, 0]] + (1 - weights[3]) * bank.teachers[pairs[3, 1]]
+    assert not np.allclose(views.teachers[3], mixed, atol=0.05)
+    # an interrupted cut resumes: only the chunks not yet made are made, and the result is the same
+    made, images = views.teachers.copy(), np.array(views.images)
+    (folder / "views.npy").replace(folder / "views.tmp.npy")
+    (folder / "views.npz").unlink()
+    partial = np.load(folder / "views.tmp.npy", mmap_mode="r+")
+    partial[2:] = 0
+    partial.flush()
+    teachers = made.copy()
+    teachers[2:] = 0
+    np.savez(folder / "views.progress.npz", pairs=pairs, bank_size=len(bank), teachers=teachers,
+             done=np.array([True, False, False]))
+    again = build_views(bank, folder / "bank.npy", 5, 0, folder, workers=1, progress=False, chunk_size=2)
+    assert np.allclose(again.teachers, made, atol=1e-6) and np.array_equal(np.asarray(again.images), images)
+    assert not (folder / "views.progress.npz").exists()
+    # views follow the bank; a batch draws its share of views from them, known people and bank faces apart
+    from jointface.train.crops import choose_faces
+
+    both = with_views(bank, again)
+    assert len(both.boxes) == len(bank) + 5 and np.array_equal(both.images[len(bank) + 1], images[1])
+    assert np.array_equal(both.images[[0, len(bank)]], np.stack([bank.images[0], images[0]]))
+    chosen = choose_faces(both, 0.5, 8, np.random.default_rng(0), view_share=0.25, view_start=len(bank))
+    assert (chosen[-2:] >= len(bank)).all() and (chosen[:-2] < len(bank)).all()
+    assert (both.identities[chosen[:4]] >= 0).all()

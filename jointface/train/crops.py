@@ -63,6 +63,10 @@ class CropSettings:
     labelled_share: float = 0.0 # share of each batch drawn from faces of a known person (0: uniform over the bank)
     bank_limit: int = 0         # train on this many bank faces only (a seeded choice; 0: all): a fit test
     bank_contrast: bool = False # add the ``bank_contrast`` term against every bank face's teacher vector
+    #: mixup views of the bank with dlib's descriptor of each view (:mod:`jointface.train.views`): how many
+    #: to cut, and the share of each batch drawn from them
+    mixup_views: int = 0
+    view_share: float = 0.0
     bank_student_temperature: float = 0.05  # equal temperatures: the loss is least where the student is the teacher
     bank_teacher_temperature: float = 0.05
 
@@ -145,8 +149,8 @@ def limit_bank(bank: CropBank, count: int, seed: int) -> CropBank:
                     bank.identities[chosen])
 
 
-def crop_batch(bank: CropBank, settings: CropSettings, batch_size: int, seed: int, step: int
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def crop_batch(bank: CropBank, settings: CropSettings, batch_size: int, seed: int, step: int,
+               view_start: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Batch number ``step`` (deterministic): canvases ``(B, C, C, 3)`` uint8, face boxes ``(B, 4)`` in canvas
     pixels and bank indices ``(B,)``."""
     rng = np.random.default_rng([seed, step])
@@ -154,7 +158,7 @@ def crop_batch(bank: CropBank, settings: CropSettings, batch_size: int, seed: in
     size = max(4 * ROUND, int(math.ceil(settings.context * width / ROUND)) * ROUND)
     canvases = np.empty((batch_size, size, size, 3), dtype=np.uint8)
     boxes = np.zeros((batch_size, 4), dtype=np.float32)
-    chosen = choose_faces(bank, settings.labelled_share, batch_size, rng)
+    chosen = choose_faces(bank, settings.labelled_share, batch_size, rng, settings.view_share, view_start)
     for row, index in enumerate(chosen):
         box = bank.boxes[index]
         scale = width * (1 + rng.uniform(-settings.scale_jitter, settings.scale_jitter)) / settings.bank_face
@@ -174,17 +178,23 @@ def crop_batch(bank: CropBank, settings: CropSettings, batch_size: int, seed: in
     return canvases, boxes, chosen
 
 
-def choose_faces(bank: CropBank, labelled_share: float, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+def choose_faces(bank: CropBank, labelled_share: float, batch_size: int, rng: np.random.Generator,
+                 view_share: float = 0.0, view_start: int | None = None) -> np.ndarray:
     """Bank indices of one batch: uniform over the bank, or ``round(labelled_share * batch_size)`` of them
-    uniform over the faces of a known person (the margin loss's only faces) and the rest over the bank."""
+    uniform over the faces of a known person (the margin loss's only faces) and the rest over the bank.
+    With views (bank indices from ``view_start`` on), ``round(view_share * batch_size)`` of the rest are
+    views and the others bank faces."""
+    photos = len(bank) if view_start is None else view_start
+    views = 0 if view_start is None else min(batch_size, int(round(view_share * batch_size)))
+    drawn = [view_start + rng.integers(len(bank) - view_start, size=views)] if views else []
     if labelled_share <= 0:
-        return rng.integers(len(bank), size=batch_size)
+        return np.concatenate([rng.integers(photos, size=batch_size - views), *drawn])
     labelled = np.flatnonzero(bank.identities >= 0)
     if len(labelled) == 0:
         raise ValueError("crops.labelled_share needs faces of known people in the crop bank; it has none")
-    count = min(batch_size, int(round(labelled_share * batch_size)))
+    count = min(batch_size - views, int(round(labelled_share * batch_size)))
     return np.concatenate([labelled[rng.integers(len(labelled), size=count)],
-                           rng.integers(len(bank), size=batch_size - count)])
+                           rng.integers(photos, size=batch_size - count - views), *drawn])
 
 
 class CropSource:
@@ -200,7 +210,21 @@ class CropSource:
         if self.settings.bank_limit:
             run.data.counts["crop_bank_faces_cut"] = len(self.bank)
             self.bank = limit_bank(self.bank, self.settings.bank_limit, run.config.seed)
-        run.data.counts["crop_bank_faces"] = len(self.bank)
+        self.view_start = None
+        if self.settings.mixup_views:
+            from jointface.train.views import build_views, with_views
+
+            if self.settings.bank_limit:
+                raise ValueError("crops.mixup_views and crops.bank_limit do not go together (views blend the "
+                                 "whole bank)")
+            views = build_views(self.bank, run.out_dir / "bank.npy", self.settings.mixup_views, run.config.seed,
+                                run.out_dir, progress=run.config.progress)
+            self.view_start = len(self.bank)
+            self.bank = with_views(self.bank, views)
+            run.data.counts["mixup_views"] = len(views)
+        elif self.settings.view_share:
+            raise ValueError("crops.view_share needs crops.mixup_views")
+        run.data.counts["crop_bank_faces"] = len(self.bank) if self.view_start is None else self.view_start
         self.teacher_bank = None  # unit centred teacher vectors of the bank, made at the first step
         (run.out_dir / "crops.json").write_text(json.dumps(asdict(self.settings), indent=2) + "\n")
         (run.out_dir / "data.json").write_text(json.dumps(run.data.counts, indent=2) + "\n")
@@ -208,7 +232,8 @@ class CropSource:
     def losses(self, step: int) -> tuple[dict[str, torch.Tensor], float]:
         """The identity terms of crop batch ``step`` and its mean face width (canvas px)."""
         run, config = self.run, self.run.config
-        canvases, boxes, chosen = crop_batch(self.bank, self.settings, self.batch_size, config.seed, step)
+        canvases, boxes, chosen = crop_batch(self.bank, self.settings, self.batch_size, config.seed, step,
+                                             self.view_start)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         rois = jitter_boxes(torch.from_numpy(boxes), config.box_jitter, generator)
         images = normalise(torch.from_numpy(canvases), run.model.record)
