@@ -40,8 +40,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "item4"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "face_size"))
-from evaluate import open_set, p2_photos  # noqa: E402 - item 4's P2 photos and open-set measure
-from sweep import teacher_vectors  # noqa: E402 - dlib's descriptor of each photo's subject face
+from evaluate import arguments_or_replot, p2_photos  # noqa: E402 - item 4's P2 photos and script arguments
+from sweep import centred_teachers, p2_figures, teacher_vectors  # noqa: E402 - the face-size sweep's measures
 
 CONDITIONS = {"as is": 0.0, "upright": -1.0, "roll doubled": 1.0}  # rotation = factor x the face's roll
 
@@ -135,18 +135,14 @@ def write_outputs(results: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("weights", nargs="*", type=Path, default=[Path("jointface/weights/jointface.pt")])
-    parser.add_argument("--labels", default="runs/labels/lfw.jsonl")
     parser.add_argument("--size", type=int, default=192)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
-    parser.add_argument("--replot", action="store_true", help="redraw results.md and results.png from results.json")
-    args = parser.parse_args(argv)
-    if args.replot:
-        write_outputs(json.loads((args.out / "results.json").read_text()), args.out)
+    args = arguments_or_replot(parser, argv, write_outputs, Path(__file__).parent)
+    if args is None:
         return 0
 
     import torch
 
-    from jointface.train.v2 import embed_boxes, proxy_rank1, v2_network
+    from jointface.train.v2 import embed_boxes, v2_network
 
     torch.set_num_threads(2)
     photos, people, images = p2_photos(args.labels)
@@ -162,17 +158,13 @@ def main(argv: list[str] | None = None) -> int:
                "rolls": [round(float(r), 2) for r in rolls], "weights": {}}
     for weights in args.weights:
         model = v2_network(weights)
-        teachers = raw_teachers - model.teacher_mean.numpy()
-        teachers /= np.linalg.norm(teachers, axis=1, keepdims=True)
+        teachers = centred_teachers(raw_teachers, model)
         rows = {}
         for condition, condition_images in turned.items():
             with torch.inference_mode():
                 vectors = np.stack([embed_boxes(model, image, [box], args.size)[0]
                                     for image, box in zip(condition_images, boxes)])
-            rank_all, probes = proxy_rank1(people, vectors)
-            rows[condition] = {"rank1@all": rank_all, "probes": probes,
-                               "teacher_cos": float(np.mean(np.sum(vectors * teachers, axis=1))),
-                               **{f"open_{k}": v for k, v in open_set(people, vectors).items()}}
+            rows[condition] = p2_figures(people, vectors, teachers)
             print(weights, condition, {k: round(v, 4) if isinstance(v, float) else v
                                        for k, v in rows[condition].items()}, flush=True)
         results["weights"][str(weights)] = rows

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "item4"))
-from evaluate import open_set, p2_photos  # noqa: E402 - item 4's P2 photos and open-set measure
+from evaluate import arguments_or_replot, open_set, p2_photos  # noqa: E402 - item 4's P2 photos and measures
 
 SIZES = (128, 160, 192, 224, 256, 288, 320)
 
@@ -46,6 +46,24 @@ def teacher_vectors(labels: str, photos: list[tuple[str, str, list[float]]]) -> 
         if subject is not None:
             by_path[str(root / record["path"])] = subject["teacher"]
     return np.asarray([by_path[path] for _, path, _ in photos], dtype=np.float32)
+
+
+def centred_teachers(raw: np.ndarray, model) -> np.ndarray:
+    """dlib's descriptors as the network's distillation target: minus its teacher mean, unit length."""
+    teachers = raw - model.teacher_mean.numpy()
+    return teachers / np.linalg.norm(teachers, axis=1, keepdims=True)
+
+
+def p2_figures(people: list[str], vectors: np.ndarray, teachers: np.ndarray) -> dict:
+    """Rank-1 over all P2 people, item 4's open-set figures and the mean cosine to the teacher of one set of
+    embeddings (one per P2 photo)."""
+    from jointface.train.v2 import proxy_rank1
+
+    rank_all, probes = proxy_rank1(people, vectors)
+    return {"rank1@all": rank_all, "probes": probes,
+            "teacher_cos": float(np.mean(np.sum(vectors * teachers, axis=1)))
+            if vectors.shape[1] == teachers.shape[1] else float("nan"),
+            **{f"open_{k}": v for k, v in open_set(people, vectors).items()}}
 
 
 def write_outputs(results: dict, out: Path) -> None:
@@ -87,19 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("weights", nargs="*", type=Path, default=[Path("jointface/weights/jointface.pt")])
     parser.add_argument("--sizes", nargs="+", type=int, default=list(SIZES))
-    parser.add_argument("--labels", default="runs/labels/lfw.jsonl")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     parser.add_argument("--roi-split", type=float, default=None,
                         help="read faces under this side (input px) from the stride-8 map instead of the weights' own")
-    parser.add_argument("--replot", action="store_true", help="redraw results.md and results.png from results.json")
-    args = parser.parse_args(argv)
-    if args.replot:
-        write_outputs(json.loads((args.out / "results.json").read_text()), args.out)
+    args = arguments_or_replot(parser, argv, write_outputs, Path(__file__).parent)
+    if args is None:
         return 0
 
     import torch
 
-    from jointface.train.v2 import embed_boxes, proxy_rank1, v2_network
+    from jointface.train.v2 import embed_boxes, v2_network
 
     torch.set_num_threads(2)
     photos, people, images = p2_photos(args.labels)
@@ -111,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.roi_split is not None:
             model.record.roi_split = args.roi_split
             name += f" (roi_split {args.roi_split:g})"
-        teachers = raw_teachers - model.teacher_mean.numpy()  # the distillation target: centred, unit
-        teachers /= np.linalg.norm(teachers, axis=1, keepdims=True)
+        teachers = centred_teachers(raw_teachers, model)
         rows = []
         for size in args.sizes:
             vectors, sides = [], []
@@ -121,12 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                     vectors.append(embed_boxes(model, image, [box], size)[0])
                     scale = size / max(image.shape[:2])
                     sides.append(scale * ((box[2] - box[0]) * (box[3] - box[1])) ** 0.5)
-            vectors = np.stack(vectors)
-            rank_all, probes = proxy_rank1(people, vectors)
-            row = {"size": size, "face_px": float(np.median(sides)), "rank1@all": rank_all, "probes": probes,
-                   "teacher_cos": float(np.mean(np.sum(vectors * teachers[:, :vectors.shape[1]], axis=1)))
-                   if vectors.shape[1] == teachers.shape[1] else float("nan"),
-                   **{f"open_{k}": v for k, v in open_set(people, vectors).items()}}
+            row = {"size": size, "face_px": float(np.median(sides)),
+                   **p2_figures(people, np.stack(vectors), teachers)}
             rows.append(row)
             print(name, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
         results["weights"][name] = rows

@@ -55,6 +55,20 @@ def open_set(people: list[str], embeddings: np.ndarray, fpir: float = 0.01) -> d
             "strangers": len(strangers)}
 
 
+def arguments_or_replot(parser: argparse.ArgumentParser, argv: list[str] | None, write_outputs, out: Path
+                        ) -> argparse.Namespace | None:
+    """Add ``--labels``, ``--out`` (default ``out``) and ``--replot`` to a P2 figure script's parser and parse;
+    with ``--replot`` redraw its outputs from ``results.json`` and return None."""
+    parser.add_argument("--labels", default="runs/labels/lfw.jsonl")
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--replot", action="store_true", help="redraw results.md and results.png from results.json")
+    args = parser.parse_args(argv)
+    if args.replot:
+        write_outputs(json.loads((args.out / "results.json").read_text()), args.out)
+        return None
+    return args
+
+
 def p2_photos(labels: str) -> tuple[list[tuple[str, str, list[float]]], list[str], list]:
     """Every LFW P2 person's photos with 2-5 each (``(person, path, landmark box)``), their people and the
     decoded images, in the same order."""
@@ -105,12 +119,8 @@ def write_outputs(results: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="*", type=Path)
-    parser.add_argument("--replot", action="store_true", help="redraw results.md and results.png from results.json")
-    parser.add_argument("--labels", default="runs/labels/lfw.jsonl")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
-    args = parser.parse_args(argv)
-    if args.replot:
-        write_outputs(json.loads((args.out / "results.json").read_text()), args.out)
+    args = arguments_or_replot(parser, argv, write_outputs, Path(__file__).parent)
+    if args is None:
         return 0
     if not args.runs:
         parser.error("give at least one RUN_DIR (or --replot)")
