@@ -773,15 +773,15 @@ def test_mixup_views_carry_dlibs_own_descriptor_of_each_blend_and_resume(tmp_pat
     import dlib
 
     from jointface.datasets.build import PhotoLoader, build_training_set
-    from jointface.train.crops import CropSettings, build_bank
-    from jointface.train.views import blend, build_views, dlib_models, view_recipe, with_views
+    from jointface.train.crops import CropSettings, build_bank, with_views
+    from jointface.train.views import blend, build_views, dlib_models, view_recipe
 
     data = build_training_set(_labels(tmp_path, lfw_dir))
     folder = tmp_path / "run"
     bank = build_bank(data.train, PhotoLoader(), CropSettings(bank_face=100, bank_context=2.6), folder, progress=False)
     views = build_views(bank, folder / "bank.npy", 5, 0, folder, workers=1, progress=False, chunk_size=2)
     pairs, weights = view_recipe(5, len(bank), 0)
-    assert views.images.shape == (5, 260, 260, 3) and (views.identities == -1).all()
+    assert views.images.shape == (5, 260, 260, 3) and views.teachers.shape == (5, 128)
     assert (pairs[:, 0] != pairs[:, 1]).all() and ((weights >= 0.2) & (weights <= 0.8)).all()
     for row in range(5):
         assert np.array_equal(views.images[row], blend(bank.images, pairs[row], float(weights[row])))
@@ -812,6 +812,7 @@ def test_mixup_views_carry_dlibs_own_descriptor_of_each_blend_and_resume(tmp_pat
 
     both = with_views(bank, again)
     assert len(both.boxes) == len(bank) + 5 and np.array_equal(both.images[len(bank) + 1], images[1])
+    assert (both.identities[len(bank):] == -1).all()
     assert np.array_equal(both.images[[0, len(bank)]], np.stack([bank.images[0], images[0]]))
     chosen = choose_faces(both, 0.5, 8, np.random.default_rng(0), view_share=0.25, view_start=len(bank))
     assert (chosen[-2:] >= len(bank)).all() and (chosen[:-2] < len(bank)).all()

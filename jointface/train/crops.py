@@ -139,6 +139,16 @@ def build_bank(photos, loader: PhotoLoader, settings: CropSettings, folder: Path
     return CropBank(np.load(images_path, mmap_mode="r"), boxes, teachers, identities)
 
 
+def with_views(bank: CropBank, views) -> CropBank:
+    """The bank followed by its mixup views (:func:`jointface.train.views.build_views`; indices from
+    ``len(bank)`` on are views, of no known person)."""
+    from jointface.train.views import StackedImages
+
+    return CropBank(StackedImages(bank.images, views.images), np.concatenate([bank.boxes, views.boxes]),
+                    np.concatenate([bank.teachers, views.teachers]),
+                    np.concatenate([bank.identities, np.full(len(views.boxes), -1, dtype=bank.identities.dtype)]))
+
+
 def limit_bank(bank: CropBank, count: int, seed: int) -> CropBank:
     """``count`` faces of ``bank`` chosen at random (seeded), in bank order, held in memory; the whole bank
     when it has no more. A small bank is a fit test: can the network learn its teacher on faces it sees often?"""
@@ -212,7 +222,7 @@ class CropSource:
             self.bank = limit_bank(self.bank, self.settings.bank_limit, run.config.seed)
         self.view_start = None
         if self.settings.mixup_views:
-            from jointface.train.views import build_views, with_views
+            from jointface.train.views import build_views
 
             if self.settings.bank_limit:
                 raise ValueError("crops.mixup_views and crops.bank_limit do not go together (views blend the "

@@ -10,7 +10,7 @@ ingredient was mixup). Every crop of the bank holds its face at the same place a
 a new input whose target is not the blend of the two descriptors but dlib's descriptor of the blend,
 computed here once (dlib's 5-point landmarks on the blend, then its recognition network), about 50-100 ms
 a view on this CPU, in worker processes. The views join the crop bank with no identity
-(``crops.mixup_views`` / ``crops.view_share``).
+(``crops.mixup_views`` / ``crops.view_share``, :func:`jointface.train.crops.with_views`).
 
 Cutting resumes after an interrupt: views are made in chunks, a chunk's images go straight into the
 memory-mapped ``views.tmp.npy`` and its descriptors into ``views.progress.npz``; a rerun with the same
@@ -23,12 +23,19 @@ import importlib.util
 import multiprocessing
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from jointface.train.crops import CropBank
-
 CHUNK = 200  # views per work item (and per saved progress step), by default
+
+
+class Views(NamedTuple):
+    """``images`` ``(N, side, side, 3)`` uint8 (a memory map), ``boxes`` ``(N, 4)``, ``teachers`` ``(N, 128)``."""
+
+    images: np.ndarray
+    boxes: np.ndarray
+    teachers: np.ndarray
 
 
 def dlib_models() -> tuple[Path, Path]:
@@ -85,10 +92,10 @@ def _make_chunk(job: tuple[int, np.ndarray, np.ndarray, np.ndarray]) -> tuple[in
     return start, descriptors
 
 
-def build_views(bank: CropBank, bank_path: Path, count: int, seed: int, folder: Path, workers: int = 2,
-                progress: bool = True, chunk_size: int = CHUNK) -> CropBank:
-    """Cut (or reopen, or finish) ``count`` mixup views of ``bank`` in ``folder`` (``views.npy`` +
-    ``views.npz``): a :class:`CropBank` of the views, identities -1."""
+def build_views(bank, bank_path: Path, count: int, seed: int, folder: Path, workers: int = 2,
+                progress: bool = True, chunk_size: int = CHUNK) -> Views:
+    """Cut (or reopen, or finish) ``count`` mixup views of ``bank`` (a :class:`jointface.train.crops.CropBank`
+    stored at ``bank_path``) in ``folder`` (``views.npy`` + ``views.npz``)."""
     pairs, weights = view_recipe(count, len(bank), seed)
     side = bank.images.shape[1]
     images_path, meta_path = folder / "views.npy", folder / "views.npz"
@@ -98,7 +105,7 @@ def build_views(bank: CropBank, bank_path: Path, count: int, seed: int, folder: 
             images = np.load(images_path, mmap_mode="r")
             if images.shape == (count, side, side, 3) and np.array_equal(meta["pairs"], pairs) \
                     and int(meta["bank_size"]) == len(bank):
-                return CropBank(images, meta["boxes"], meta["teachers"], meta["identities"])
+                return Views(images, meta["boxes"], meta["teachers"])
         except (OSError, ValueError, KeyError, EOFError) as error:
             print(f"mixup views in {folder} are unreadable ({error}): cutting them again", flush=True)
     boxes = (weights[:, None] * bank.boxes[pairs[:, 0]] + (1 - weights[:, None]) * bank.boxes[pairs[:, 1]]
@@ -139,9 +146,9 @@ def build_views(bank: CropBank, bank_path: Path, count: int, seed: int, folder: 
                 print(f"mixup views: {int(done.sum())}/{chunks} chunks, {rate:.1f} views/s", flush=True)
     temporary.replace(images_path)
     np.savez(meta_path, pairs=pairs, weights=weights, bank_size=len(bank), boxes=boxes, teachers=teachers,
-             identities=np.full(count, -1, dtype=np.int64), side=side)
+             side=side)
     progress_path.unlink(missing_ok=True)
-    return CropBank(np.load(images_path, mmap_mode="r"), boxes, teachers, np.full(count, -1, dtype=np.int64))
+    return Views(np.load(images_path, mmap_mode="r"), boxes, teachers)
 
 
 class StackedImages:
@@ -160,10 +167,3 @@ class StackedImages:
             return self.parts[0][index] if index < self.split else self.parts[1][index - self.split]
         index = np.asarray(index)
         return np.stack([self[int(i)] for i in index])
-
-
-def with_views(bank: CropBank, views: CropBank) -> CropBank:
-    """The bank followed by its views (indices from ``len(bank)`` on are views)."""
-    return CropBank(StackedImages(bank.images, views.images), np.concatenate([bank.boxes, views.boxes]),
-                    np.concatenate([bank.teachers, views.teachers]),
-                    np.concatenate([bank.identities, views.identities]))
