@@ -281,3 +281,21 @@ def test_two_folders_of_one_layout_train_together_and_a_shared_photo_counts_once
     assert str(tmp_path / "b" / "Celeb" / "3.jpg") in paths and str(tmp_path / "b" / "Celeb" / "2.jpg") not in paths
     with pytest.raises(ValueError, match="lfw layout"):
         build_training_set({"lfw": first})
+
+
+def test_singleton_layouts_make_each_person_of_one_photo_a_class_validation_people_excepted(tmp_path, lfw_dir):
+    rng = np.random.default_rng(0)
+    lfw = _labels_file(tmp_path / "lfw.jsonl", lfw_dir, "lfw", [
+        _record("Abdullah_Gul/Abdullah_Gul_0001.jpg", "Abdullah_Gul", rng.normal(0, 0.1, 128))])
+    aaf = _labels_file(tmp_path / "aaf.jsonl", tmp_path, "aaf", [
+        _record(f"original images/{i:05d}A20.jpg", f"aaf_{i:05d}", rng.normal(0, 0.1, 128)) for i in range(40)])
+    plain = build_training_set({"lfw": lfw, "aaf": aaf})
+    assert not any(name.startswith("aaf_") for name in plain.class_names)
+    assert all(f.identity == -1 for p in plain.train if "original images" in p.path for f in p.faces)
+    single = build_training_set({"lfw": lfw, "aaf": aaf}, singleton_layouts=["aaf"])
+    held = {"aaf_00000", "aaf_00033"}  # every 33rd person (sorted) is a validation person
+    assert {Path(p.path).name[:5] for p in single.holdout} == {"00000", "00033"}
+    assert {n for n in single.class_names if n.startswith("aaf_")} == {f"aaf_{i:05d}" for i in range(40)} - held
+    trained = [f.identity for p in single.train if "original images" in p.path for f in p.faces]
+    assert len(trained) == 38 and len(set(trained)) == 38 and min(trained) >= 0
+    assert set(plain.class_names) <= set(single.class_names)

@@ -817,3 +817,62 @@ def test_mixup_views_carry_dlibs_own_descriptor_of_each_blend_and_resume(tmp_pat
     chosen = choose_faces(both, 0.5, 8, np.random.default_rng(0), view_share=0.25, view_start=len(bank))
     assert (chosen[-2:] >= len(bank)).all() and (chosen[:-2] < len(bank)).all()
     assert (both.identities[chosen[:4]] >= 0).all()
+
+
+def test_singleton_rows_start_at_the_students_own_embedding_of_their_one_face(one_torch_thread):
+    import contextlib
+    from types import SimpleNamespace
+
+    from jointface.net.model import MarginClassifier
+    from jointface.train.crops import CropBank, CropSettings, CropSource
+
+    torch.manual_seed(0)
+    model = JointNetV2(tiny_record(class_names=["a", "b", "c", "d"])).train()
+    head = MarginClassifier(16, 4, "cosface", 30.0, 0.35)
+    before = head.weight.detach().clone()
+    rng = np.random.default_rng(0)
+    # class 0 has two faces (a known person: its row stays), classes 2 and 3 one each, class 1 none
+    bank = CropBank(rng.integers(0, 255, size=(5, 52, 52, 3), dtype=np.uint8),
+                    np.tile(np.array([[16.0, 16.0, 36.0, 36.0]], dtype=np.float32), (5, 1)),
+                    np.zeros((5, 128), dtype=np.float32), np.array([0, 0, 2, -1, 3]))
+    source = object.__new__(CropSource)
+    source.run = SimpleNamespace(model=model, margin_head=head, autocast=contextlib.nullcontext)
+    source.settings, source.bank, source.view_start = CropSettings(bank_face=20, context=1.75), bank, None
+    assert source.start_singleton_rows(width=20) == 2
+    assert model.training  # the network is left in the mode it was in
+    assert torch.equal(head.weight[:2], before[:2])
+    rows = torch.nn.functional.normalize(head.weight[2:], dim=1)
+    # what the network says of face 2 and face 4 placed alone, centred, at the same width
+    model.eval()
+    with torch.no_grad():
+        canvas = np.empty((1, 64, 64, 3), dtype=np.uint8)  # the smallest crop canvas (4 x 16 px)
+        from jointface.datasets.samples import PAD_COLOUR, paste
+        from jointface.train.v2 import normalise
+
+        expected = []
+        for index in (2, 4):
+            canvas[:] = PAD_COLOUR
+            paste(canvas[0], bank.images[index], 1.0, 6.0, 6.0)  # the face's centre (26, 26) at the canvas's
+            maps = model.identity_maps(normalise(torch.from_numpy(canvas), model.record))
+            expected.append(model.embed(maps, torch.tensor([[22.0, 22.0, 42.0, 42.0]]), torch.tensor([0]))[0])
+    assert torch.allclose(rows, torch.stack(expected), atol=1e-4)
+    norms = head.weight.norm(dim=1)
+    assert torch.allclose(norms[2:], before[:2].norm(dim=1).median().expand(2), atol=1e-5)
+
+
+def test_a_reopened_crop_bank_takes_the_identities_of_the_run_that_reopens_it(tmp_path, lfw_dir):
+    import dataclasses
+
+    from jointface.datasets.build import PhotoLoader, build_training_set
+    from jointface.train.crops import CropSettings, build_bank
+
+    data = build_training_set(_labels(tmp_path, lfw_dir))
+    settings = CropSettings(face_low=40, face_high=60, bank_face=50, bank_context=2.0)
+    first = build_bank(data.train, PhotoLoader(), settings, tmp_path / "bank", progress=False)
+    stamp = (tmp_path / "bank" / "bank.npy").stat().st_mtime_ns
+    for photo in data.train:  # another run's classes: the same faces, other identity numbers
+        photo.faces[:] = [dataclasses.replace(face, identity=face.identity + 5) for face in photo.faces]
+    again = build_bank(data.train, PhotoLoader(), settings, tmp_path / "bank", progress=False)
+    assert np.array_equal(again.identities, first.identities + 5)
+    assert (tmp_path / "bank" / "bank.npy").stat().st_mtime_ns == stamp  # the images were not cut again
+    assert np.array_equal(np.load(tmp_path / "bank" / "bank.npz")["identities"], first.identities + 5)

@@ -29,6 +29,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -84,6 +85,13 @@ def _manifest_of(labels_path: Path) -> dict:
 
 
 MAX_SIDE = 400
+
+
+def _held_people(items: list[dict], layout: str, holdout_every: int) -> set[str]:
+    """The validation people of a collection: every ``holdout_every``-th All-Age-Faces person (sorted)."""
+    if layout != "aaf":
+        return set()
+    return set(sorted({r["identity"] for r in items if r.get("identity")})[::holdout_every])
 
 
 def _photo(record: dict, root: Path, identity_index: dict[str, int] | None, max_side: int = MAX_SIDE) -> Photo:
@@ -184,7 +192,7 @@ def _celeba_classes(roots: dict[str, Path], layouts: dict[str, str]) -> set[str]
 
 def build_training_set(labels: dict[str, str | os.PathLike], *, leak_rule: LeakRule = LeakRule(),
                        holdout_every: int = HOLDOUT_EVERY, limits: dict[str, int] | None = None,
-                       class_names: list[str] | None = None) -> TrainingSet:
+                       class_names: list[str] | None = None, singleton_layouts: Sequence[str] = ()) -> TrainingSet:
     """The training photos of labelled collections (see the module docstring).
 
     ``labels``: collection name -> ``faces.jsonl`` path; the collection's layout
@@ -196,7 +204,10 @@ def build_training_set(labels: dict[str, str | os.PathLike], *, leak_rule: LeakR
     before any other collection is used. ``limits``: at most this many photos
     (first, in file order) of a collection. ``class_names``: the identity
     classes to use (a resumed run keeps its own); by default every person with
-    two usable photos.
+    two usable photos, and with ``singleton_layouts`` (``["aaf"]``) also every
+    person of those layouts' collections with one (each a class of its own:
+    a face the margin term keeps apart from every other; validation people
+    excepted).
     """
     if "lfw" not in labels:
         raise ValueError("the LFW labels are required: the leak guard compares every face with LFW's evaluation people")
@@ -248,14 +259,17 @@ def build_training_set(labels: dict[str, str | os.PathLike], *, leak_rule: LeakR
         # so far: a run started while a collection is still being labelled has the classes it will end with
         class_names = sorted(set(class_names) | {path.split("/")[0] for path, part in split.items()
                                                  if part in ("train", "extra")} | _celeba_classes(roots, layouts))
+        for key in usable:
+            if layouts[key] in singleton_layouts:
+                held = _held_people(records[key], layouts[key], holdout_every)
+                class_names = sorted(set(class_names) | {r["identity"] for r in usable[key]} - held)
     identity_index = {name: i for i, name in enumerate(class_names)}
 
     train, holdout = [], []
     for key, items in records.items():
         root, layout = roots[key], layouts[key]
         kept = dropped_leak = unusable = held = 0
-        aaf_people = sorted({r["identity"] for r in items if r.get("identity")}) if layout == "aaf" else []
-        held_people = set(aaf_people[::holdout_every]) if layout == "aaf" else set()
+        held_people = _held_people(items, layout, holdout_every)
         candidates = [r for r in items if r["status"] == "ok"]
         unusable += len(items) - len(candidates)
         if layout == "lfw":

@@ -67,6 +67,9 @@ class CropSettings:
     #: to cut, and the share of each batch drawn from them
     mixup_views: int = 0
     view_share: float = 0.0
+    #: start the margin head's row of every class with one bank face (``singleton_classes``) at the student's
+    #: own embedding of that face (a random row would leave CosFace's logit for it at chance)
+    singleton_rows_from_student: bool = False
     bank_student_temperature: float = 0.05  # equal temperatures: the loss is least where the student is the teacher
     bank_teacher_temperature: float = 0.05
 
@@ -93,43 +96,48 @@ class CropBank:
 
 
 def build_bank(photos, loader: PhotoLoader, settings: CropSettings, folder: Path, progress: bool = True) -> CropBank:
-    """Cut (or reopen) the crop bank of ``photos`` in ``folder`` (``bank.npy`` + ``bank.npz``)."""
+    """Cut (or reopen) the crop bank of ``photos`` in ``folder`` (``bank.npy`` + ``bank.npz``). Boxes, teachers
+    and identities always come from ``photos`` (a run with other identity classes reuses a bank's images and
+    takes its own identities); the images are cut again when the stored bank is not of these faces."""
     faces = [(photo, face) for photo in photos for face in photo.faces
              if face.teacher is not None and min(face.box[2] - face.box[0], face.box[3] - face.box[1])
              >= settings.bank_min_face]
     side = int(round(settings.bank_face * settings.bank_context))
+    boxes = np.zeros((len(faces), 4), dtype=np.float32)
+    placements = []
+    for index, (_, face) in enumerate(faces):
+        width = max(face.box[2] - face.box[0], face.box[3] - face.box[1])
+        scale = settings.bank_face / width
+        centre_x, centre_y = (face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2
+        offset_x, offset_y = side / 2 - centre_x * scale, side / 2 - centre_y * scale
+        placements.append((scale, offset_x, offset_y))
+        boxes[index] = [face.box[0] * scale + offset_x, face.box[1] * scale + offset_y,
+                        face.box[2] * scale + offset_x, face.box[3] * scale + offset_y]
+    teachers = np.array([face.teacher for _, face in faces], dtype=np.float32).reshape(-1, 128)
+    identities = np.array([face.identity for _, face in faces], dtype=np.int64)
     images_path, meta_path = folder / "bank.npy", folder / "bank.npz"
     if images_path.exists() and meta_path.exists():
         try:  # a bank cut for these faces is reused; a truncated or foreign one is cut again
             meta = np.load(meta_path)
             images = np.load(images_path, mmap_mode="r")
             if len(meta["boxes"]) == len(faces) and int(meta["side"]) == side \
-                    and images.shape == (len(faces), side, side, 3):
-                return CropBank(images, meta["boxes"], meta["teachers"], meta["identities"])
+                    and images.shape == (len(faces), side, side, 3) and np.allclose(meta["boxes"], boxes, atol=1e-3):
+                if not np.array_equal(meta["identities"], identities):
+                    np.savez(meta_path, boxes=boxes, teachers=teachers, identities=identities, side=side)
+                return CropBank(images, boxes, teachers, identities)
         except (OSError, ValueError, KeyError, EOFError) as error:
             print(f"crop bank in {folder} is unreadable ({error}): cutting it again", flush=True)
     folder.mkdir(parents=True, exist_ok=True)
     temporary = folder / "bank.tmp.npy"
     images = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=(len(faces), side, side, 3))
-    boxes = np.zeros((len(faces), 4), dtype=np.float32)
-    teachers = np.zeros((len(faces), 128), dtype=np.float32)
-    identities = np.full(len(faces), -1, dtype=np.int64)
     last_path, image = None, None
-    for index, (photo, face) in enumerate(faces):
+    for index, ((photo, _), (scale, offset_x, offset_y)) in enumerate(zip(faces, placements)):
         if photo.path != last_path:
             image, last_path = loader(photo), photo.path
-        width = max(face.box[2] - face.box[0], face.box[3] - face.box[1])
-        scale = settings.bank_face / width
-        centre_x, centre_y = (face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2
-        offset_x, offset_y = side / 2 - centre_x * scale, side / 2 - centre_y * scale
         canvas = np.empty((side, side, 3), dtype=np.uint8)
         canvas[:] = PAD_COLOUR
         paste(canvas, image, scale, offset_x, offset_y)
         images[index] = canvas
-        boxes[index] = [face.box[0] * scale + offset_x, face.box[1] * scale + offset_y,
-                        face.box[2] * scale + offset_x, face.box[3] * scale + offset_y]
-        teachers[index] = face.teacher
-        identities[index] = face.identity
         if progress and (index + 1) % 2000 == 0:
             print(f"crop bank: {index + 1}/{len(faces)} faces", flush=True)
     images.flush()
@@ -235,9 +243,53 @@ class CropSource:
         elif self.settings.view_share:
             raise ValueError("crops.view_share needs crops.mixup_views")
         run.data.counts["crop_bank_faces"] = len(self.bank) if self.view_start is None else self.view_start
+        if self.settings.singleton_rows_from_student and run.step == 0:
+            run.data.counts["singleton_rows_from_student"] = self.start_singleton_rows()
         self.teacher_bank = None  # unit centred teacher vectors of the bank, made at the first step
         (run.out_dir / "crops.json").write_text(json.dumps(asdict(self.settings), indent=2) + "\n")
         (run.out_dir / "data.json").write_text(json.dumps(run.data.counts, indent=2) + "\n")
+
+    def start_singleton_rows(self, width: float = 80.0, batch: int = 64) -> int:
+        """Set the margin head's row of each class that has exactly one bank face to the student's embedding of
+        that face (centred, ``width`` px wide, no jitter), scaled to the median norm of the other rows; returns
+        how many rows were set."""
+        run, head = self.run, self.run.margin_head
+        if head is None:
+            raise ValueError("crops.singleton_rows_from_student needs a margin head (margin_kind and known people)")
+        photos = len(self.bank) if self.view_start is None else self.view_start
+        identities = np.asarray(self.bank.identities[:photos])
+        classes, first, counts = np.unique(identities, return_index=True, return_counts=True)
+        single = (classes >= 0) & (counts == 1)
+        rows, faces = classes[single], first[single]
+        if len(rows) == 0:
+            return 0
+        side = max(4 * ROUND, int(math.ceil(self.settings.context * width / ROUND)) * ROUND)
+        was_training = run.model.training
+        run.model.eval()
+        embedded = []
+        with torch.inference_mode():
+            for start in range(0, len(faces), batch):
+                canvases, boxes = [], []
+                for index in faces[start:start + batch]:
+                    box = self.bank.boxes[index]
+                    scale = width / self.settings.bank_face
+                    offset = side / 2 - (box[:2] + box[2:]) / 2 * scale
+                    canvas = np.empty((side, side, 3), dtype=np.uint8)
+                    canvas[:] = PAD_COLOUR
+                    paste(canvas, np.asarray(self.bank.images[index]), scale, float(offset[0]), float(offset[1]))
+                    canvases.append(canvas)
+                    boxes.append(np.concatenate([box[:2] * scale + offset, box[2:] * scale + offset]))
+                images = normalise(torch.from_numpy(np.stack(canvases)), run.model.record)
+                with run.autocast():
+                    maps = run.model.identity_maps(images)
+                    embedded.append(run.model.embed(maps, torch.from_numpy(np.stack(boxes)).float(),
+                                                    torch.arange(len(boxes))).float())
+        run.model.train(was_training)
+        with torch.no_grad():
+            others = np.setdiff1d(np.arange(len(head.weight)), rows)
+            norm = head.weight[torch.from_numpy(others)].norm(dim=1).median() if len(others) else torch.tensor(1.0)
+            head.weight[torch.from_numpy(rows)] = torch.cat(embedded) * norm
+        return int(len(rows))
 
     def losses(self, step: int) -> tuple[dict[str, torch.Tensor], float]:
         """The identity terms of crop batch ``step`` and its mean face width (canvas px)."""

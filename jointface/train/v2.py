@@ -63,6 +63,9 @@ class TrainConfigV2:
     #: new input channels with weight zero (:func:`grow_tensor`), so the grown network starts as the source
     #: network's function and its new channels learn from there
     grow: list = field(default_factory=list)
+    #: layouts whose every person is an identity class even with one photo (``["aaf"]``: each All-Age-Faces
+    #: face a class of its own, kept apart from all others by the margin term; see build_training_set)
+    singleton_classes: list = field(default_factory=list)
     anchors_from: str | None = None       # a v2 weights file whose anchors this network takes (no k-means)
     #: only the parameters whose names start with one of these prefixes learn (``margin.``: the margin head);
     #: empty: all. Frozen BatchNorm layers keep their statistics (eval mode)
@@ -416,7 +419,8 @@ class Run:
         for layout in sorted(set(config.labels) - set(labels)):
             print(f"note: {config.labels[layout]} is not being labelled yet: {layout} is left out of this stage",
                   flush=True)
-        self.data = build_training_set(labels, limits=config.limits, class_names=resume_classes)
+        self.data = build_training_set(labels, limits=config.limits, class_names=resume_classes,
+                                       singleton_layouts=config.singleton_classes)
         self.data.counts["left_out_unlabelled"] = sorted(set(config.labels) - set(labels))
         self.loader = PhotoLoader() if canvases else PhotoLoader(cache_items=0)
         self.composer = SampleComposer(self.data.train, self.loader, composer_settings(config), seed=config.seed) \
