@@ -299,3 +299,5 @@ def test_singleton_layouts_make_each_person_of_one_photo_a_class_validation_peop
     trained = [f.identity for p in single.train if "original images" in p.path for f in p.faces]
     assert len(trained) == 38 and len(set(trained)) == 38 and min(trained) >= 0
     assert set(plain.class_names) <= set(single.class_names)
+    with pytest.raises(ValueError, match="no labelled collection of that layout"):
+        build_training_set({"lfw": lfw, "aaf": aaf}, singleton_layouts=["utkface"])

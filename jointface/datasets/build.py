@@ -228,6 +228,10 @@ def build_training_set(labels: dict[str, str | os.PathLike], *, leak_rule: LeakR
         records[key] = [r for r in items if r["path"] not in known]
         duplicates[key] = len(items) - len(records[key])
         known.update(r["path"] for r in items)
+    unknown = sorted(set(singleton_layouts) - set(layouts.values()))
+    if unknown:
+        raise ValueError(f"singleton classes of {unknown}: no labelled collection of that layout is in this run "
+                         f"(its layouts: {sorted(set(layouts.values()))})")
     if any(records[key] for key in records if key != "lfw"):
         lfw_manifest = manifest_path(Path(labels["lfw"]))
         complete = lfw_manifest.exists() and json.loads(lfw_manifest.read_text()).get("complete")
