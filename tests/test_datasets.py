@@ -301,3 +301,13 @@ def test_singleton_layouts_make_each_person_of_one_photo_a_class_validation_peop
     assert set(plain.class_names) <= set(single.class_names)
     with pytest.raises(ValueError, match="no labelled collection of that layout"):
         build_training_set({"lfw": lfw, "aaf": aaf}, singleton_layouts=["utkface"])
+    # a collection without identities (UTKFace): each photo a person of its own when asked, else no class
+    utk = _labels_file(tmp_path / "utkface.jsonl", tmp_path, "utkface", [
+        _record(f"{i}_0_0_2017.jpg.chip.jpg", None, rng.normal(0, 0.1, 128)) for i in range(3)])
+    unnamed = build_training_set({"lfw": lfw, "utkface": utk})
+    assert all(f.identity == -1 for p in unnamed.train if "chip" in p.path for f in p.faces)
+    named = build_training_set({"lfw": lfw, "utkface": utk}, singleton_layouts=["utkface"])
+    assert {n for n in named.class_names if n.startswith("utkface:")} == \
+        {f"utkface:{i}_0_0_2017.jpg.chip.jpg" for i in range(3)}
+    assert sorted(f.identity for p in named.train if "chip" in p.path for f in p.faces) == \
+        sorted(named.class_names.index(f"utkface:{i}_0_0_2017.jpg.chip.jpg") for i in range(3))

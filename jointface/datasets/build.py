@@ -207,7 +207,8 @@ def build_training_set(labels: dict[str, str | os.PathLike], *, leak_rule: LeakR
     two usable photos, and with ``singleton_layouts`` (``["aaf"]``) also every
     person of those layouts' collections with one (each a class of its own:
     a face the margin term keeps apart from every other; validation people
-    excepted).
+    excepted). A photo of such a collection without an identity (UTKFace's)
+    is taken as a person of its own, named ``layout:path``.
     """
     if "lfw" not in labels:
         raise ValueError("the LFW labels are required: the leak guard compares every face with LFW's evaluation people")
@@ -226,6 +227,9 @@ def build_training_set(labels: dict[str, str | os.PathLike], *, leak_rule: LeakR
         items = read_face_labels(path)[:limits.get(key)]
         known = seen.setdefault(layouts[key], set())
         records[key] = [r for r in items if r["path"] not in known]
+        if layouts[key] in singleton_layouts:  # a collection without identities (UTKFace): each photo its own
+            records[key] = [r if r.get("identity") else {**r, "identity": f"{layouts[key]}:{r['path']}"}
+                            for r in records[key]]
         duplicates[key] = len(items) - len(records[key])
         known.update(r["path"] for r in items)
     unknown = sorted(set(singleton_layouts) - set(layouts.values()))
