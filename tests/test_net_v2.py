@@ -774,7 +774,8 @@ def test_mixup_views_carry_dlibs_own_descriptor_of_each_blend_and_resume(tmp_pat
 
     from jointface.datasets.build import PhotoLoader, build_training_set
     from jointface.train.crops import CropSettings, build_bank, with_views
-    from jointface.train.views import blend, build_views, dlib_models, view_recipe
+    from jointface.engines.dlib_engine import model_path
+    from jointface.train.views import blend, build_views, view_recipe
 
     data = build_training_set(_labels(tmp_path, lfw_dir))
     folder = tmp_path / "run"
@@ -786,7 +787,7 @@ def test_mixup_views_carry_dlibs_own_descriptor_of_each_blend_and_resume(tmp_pat
     for row in range(5):
         assert np.array_equal(views.images[row], blend(bank.images, pairs[row], float(weights[row])))
     # the target is dlib's descriptor of the blend itself, not a blend of the two faces' descriptors
-    landmarks, network = dlib_models()
+    landmarks, network = model_path("landmarks_5"), model_path("descriptor")
     view, box = np.ascontiguousarray(views.images[3]), views.boxes[3]
     shape = dlib.shape_predictor(str(landmarks))(view, dlib.rectangle(*(int(round(float(v))) for v in box)))
     direct = np.asarray(dlib.face_recognition_model_v1(str(network)).compute_face_descriptor(view, shape))

@@ -122,8 +122,10 @@ def build_bank(photos, loader: PhotoLoader, settings: CropSettings, folder: Path
             images = np.load(images_path, mmap_mode="r")
             if len(meta["boxes"]) == len(faces) and int(meta["side"]) == side \
                     and images.shape == (len(faces), side, side, 3) and np.allclose(meta["boxes"], boxes, atol=1e-3):
-                if not np.array_equal(meta["identities"], identities):
-                    np.savez(meta_path, boxes=boxes, teachers=teachers, identities=identities, side=side)
+                if not np.array_equal(meta["identities"], identities):  # a new file: other runs' links keep theirs
+                    temporary = folder / "bank.tmp.npz"
+                    np.savez(temporary, boxes=boxes, teachers=teachers, identities=identities, side=side)
+                    temporary.replace(meta_path)
                 return CropBank(images, boxes, teachers, identities)
         except (OSError, ValueError, KeyError, EOFError) as error:
             print(f"crop bank in {folder} is unreadable ({error}): cutting it again", flush=True)
@@ -178,15 +180,10 @@ def crop_batch(bank: CropBank, settings: CropSettings, batch_size: int, seed: in
     boxes = np.zeros((batch_size, 4), dtype=np.float32)
     chosen = choose_faces(bank, settings.labelled_share, batch_size, rng, settings.view_share, view_start)
     for row, index in enumerate(chosen):
-        box = bank.boxes[index]
         scale = width * (1 + rng.uniform(-settings.scale_jitter, settings.scale_jitter)) / settings.bank_face
-        centre = (box[:2] + box[2:]) / 2
         target = size / 2 + rng.uniform(-settings.shift, settings.shift, size=2) * width
-        offset = target - centre * scale
         canvas = canvases[row]
-        canvas[:] = PAD_COLOUR
-        paste(canvas, np.asarray(bank.images[index]), scale, float(offset[0]), float(offset[1]))
-        placed = np.concatenate([box[:2] * scale + offset, box[2:] * scale + offset])
+        placed = place_face(canvas, bank, index, scale, target)
         if rng.uniform() < settings.flip_probability:
             canvas[:] = canvas[:, ::-1]
             placed = np.array([size - placed[2], placed[1], size - placed[0], placed[3]])
@@ -194,6 +191,16 @@ def crop_batch(bank: CropBank, settings: CropSettings, batch_size: int, seed: in
             canvas[:] = colour_jitter(canvas, rng, settings.colour_jitter)
         boxes[row] = placed
     return canvases, boxes, chosen
+
+
+def place_face(canvas: np.ndarray, bank: CropBank, index: int, scale: float, target: np.ndarray) -> np.ndarray:
+    """Paste bank face ``index`` scaled by ``scale`` on ``canvas`` (filled with the pad colour first) with the
+    face's centre at ``target`` (x, y); returns its box on the canvas."""
+    box = bank.boxes[index]
+    offset = target - (box[:2] + box[2:]) / 2 * scale
+    canvas[:] = PAD_COLOUR
+    paste(canvas, np.asarray(bank.images[index]), scale, float(offset[0]), float(offset[1]))
+    return np.concatenate([box[:2] * scale + offset, box[2:] * scale + offset])
 
 
 def choose_faces(bank: CropBank, labelled_share: float, batch_size: int, rng: np.random.Generator,
@@ -269,17 +276,11 @@ class CropSource:
         embedded = []
         with torch.inference_mode():
             for start in range(0, len(faces), batch):
-                canvases, boxes = [], []
-                for index in faces[start:start + batch]:
-                    box = self.bank.boxes[index]
-                    scale = width / self.settings.bank_face
-                    offset = side / 2 - (box[:2] + box[2:]) / 2 * scale
-                    canvas = np.empty((side, side, 3), dtype=np.uint8)
-                    canvas[:] = PAD_COLOUR
-                    paste(canvas, np.asarray(self.bank.images[index]), scale, float(offset[0]), float(offset[1]))
-                    canvases.append(canvas)
-                    boxes.append(np.concatenate([box[:2] * scale + offset, box[2:] * scale + offset]))
-                images = normalise(torch.from_numpy(np.stack(canvases)), run.model.record)
+                chunk = faces[start:start + batch]
+                canvases = np.empty((len(chunk), side, side, 3), dtype=np.uint8)
+                boxes = [place_face(canvas, self.bank, index, width / self.settings.bank_face,
+                                    np.array([side / 2, side / 2])) for canvas, index in zip(canvases, chunk)]
+                images = normalise(torch.from_numpy(canvases), run.model.record)
                 with run.autocast():
                     maps = run.model.identity_maps(images)
                     embedded.append(run.model.embed(maps, torch.from_numpy(np.stack(boxes)).float(),

@@ -19,7 +19,6 @@ settings makes only the chunks not yet done.
 
 from __future__ import annotations
 
-import importlib.util
 import multiprocessing
 import time
 from pathlib import Path
@@ -36,16 +35,6 @@ class Views(NamedTuple):
     images: np.ndarray
     boxes: np.ndarray
     teachers: np.ndarray
-
-
-def dlib_models() -> tuple[Path, Path]:
-    """dlib's 5-point landmark model and face recognition network, from ``face_recognition_models`` (found
-    with ``importlib.util.find_spec``: importing the package fails with setuptools >= 82)."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("mixup views need dlib's models: pip install face_recognition_models")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "models"
-    return folder / "shape_predictor_5_face_landmarks.dat", folder / "dlib_face_recognition_resnet_model_v1.dat"
 
 
 def view_recipe(count: int, bank_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,11 +56,9 @@ _worker: dict = {}
 
 
 def _start_worker(bank_path: str, views_path: str) -> None:
-    import dlib
+    from jointface.engines.dlib_engine import _load
 
-    landmarks, network = dlib_models()
-    _worker.update(predictor=dlib.shape_predictor(str(landmarks)),
-                   network=dlib.face_recognition_model_v1(str(network)),
+    _worker.update(predictor=_load("landmarks_5"), network=_load("descriptor"),
                    bank=np.load(bank_path, mmap_mode="r"), views=np.load(views_path, mmap_mode="r+"))
 
 

@@ -30,7 +30,6 @@ photo, as dlib aligns it itself). Writes ``results.json``, ``results.md``,
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -46,19 +45,13 @@ from sweep import centred_teachers, p2_figures, teacher_vectors  # noqa: E402 - 
 CONDITIONS = {"as is": 0.0, "upright": -1.0, "roll doubled": 1.0}  # rotation = factor x the face's roll
 
 
-def landmark_model_path() -> Path:
-    """dlib's 5-point landmark model from ``face_recognition_models`` (found, not imported: see the README)."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("face_recognition_models is not installed (pip install -e '.[test]')")
-    return Path(list(spec.submodule_search_locations)[0]) / "models" / "shape_predictor_5_face_landmarks.dat"
-
-
 def face_rolls(images: list[np.ndarray], boxes: list[list[float]]) -> np.ndarray:
     """The roll of each face in degrees (image y down: positive when the face's right side is lower)."""
     import dlib
 
-    predictor = dlib.shape_predictor(str(landmark_model_path()))
+    from jointface.engines.dlib_engine import _load
+
+    predictor = _load("landmarks_5")
     rolls = []
     for image, box in zip(images, boxes):
         shape = predictor(np.ascontiguousarray(image), dlib.rectangle(*(int(round(v)) for v in box)))
