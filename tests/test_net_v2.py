@@ -409,6 +409,29 @@ def test_identity_crops_run_trains_only_the_identity_branch_and_a_joint_run_star
         run_for(bad)
 
 
+def test_proxy_open_set_thresholds_on_the_strangers(tmp_path, lfw_dir):
+    from jointface.train.v2 import p2_proxy_set, proxy_open_set
+
+    labels = _labels(tmp_path, lfw_dir)["lfw"]
+    record = json.loads(Path(labels).read_text().splitlines()[0])
+    with open(labels, "a") as handle:  # a person of one photo: a stranger, not one of the enrolled
+        handle.write(json.dumps({**record, "path": "Aaron_Eckhart/Aaron_Eckhart_0001.jpg",
+                                 "identity": "Aaron_Eckhart"}) + "\n")
+    assert {person for person, _, _ in p2_proxy_set(labels, 5, photos=(1, 1))} == {"Aaron_Eckhart"}
+    assert {person for person, _, _ in p2_proxy_set(labels, 5, photos=(2, 5))} == {"Abdullah_Gul", "Adrien_Brody"}
+    assert len(p2_proxy_set(labels, 1)) == 4 and p2_proxy_set(labels, 0) == []
+    axes = np.eye(4)
+    people = ["a", "b", "a", "b", "a"]
+    embeddings = [axes[0], axes[1], axes[0], 0.6 * axes[1] + 0.8 * axes[2], 0.9 * axes[0] + 0.436 * axes[3]]
+    # mated probes score 1.0, 0.6 and 0.9, all named right; of 100 strangers 98 score 0.5, one 0.95, one 0.7
+    strangers = [0.5 * axes[0] + 0.866 * axes[3]] * 98 + [0.95 * axes[0] + 0.312 * axes[3],
+                                                          0.7 * axes[1] + 0.714 * axes[3]]
+    figures = proxy_open_set(people, embeddings, strangers)
+    assert figures["p2proxy_tpir01"] == pytest.approx(1 / 3)   # threshold 0.95 (one stranger): the probe at 1.0
+    assert figures["p2proxy_tpir10"] == pytest.approx(2 / 3)   # threshold 0.7 (two; 0.5 would pass all 100)
+    assert math.isnan(proxy_open_set(people, embeddings, [])["p2proxy_tpir01"])
+
+
 def test_multi_scale_canvases_alternate_by_step(tmp_path, lfw_dir, one_torch_thread):
     from jointface.train.v2 import Run, TrainConfigV2
 
@@ -420,6 +443,7 @@ def test_multi_scale_canvases_alternate_by_step(tmp_path, lfw_dir, one_torch_thr
     assert [run.batch(step)[0].shape[1] for step in range(4)] == [64, 96, 64, 96]
     result = run.run()
     assert result["step"] == 2 and result["p2proxy_probes"] == 6
+    assert result["p2proxy_strangers"] == 0 and math.isnan(result["p2proxy_tpir10"])  # no one-photo person
     # validated once at the last step, not twice
     assert len((tmp_path / "run" / "validation.csv").read_text().splitlines()) == 2
 

@@ -18,7 +18,10 @@ Validation (every ``validate_every`` steps) on people never trained on:
   teacher descriptor on the held-out All-Age-Faces people (3%);
 * ``p2proxy_rank1``: 1:N rank-1 among the first ``p2proxy_people`` LFW P2
   people (2-5 photos; first photo enrolled, the others probes), with the
-  dlib reference boxes as the faces (identity alone, detection aside).
+  dlib reference boxes as the faces (identity alone, detection aside);
+* ``p2proxy_tpir01`` / ``p2proxy_tpir10``: P2's open-set figure on the same
+  gallery, TPIR at FPIR 0.01 / 0.1 with the first ``p2proxy_strangers`` LFW
+  people of one photo as the non-mated probes (rank-1 alone does not show it).
 """
 
 from __future__ import annotations
@@ -123,6 +126,7 @@ class TrainConfigV2:
     log_every: int = 10
     validate_every: int = 500
     p2proxy_people: int = 300
+    p2proxy_strangers: int = 600          # LFW people of one photo searched as strangers at validation (0: none)
     progress: bool = True
     notes: str = ""                       # free text kept with the run (what this stage changed, and why)
     #: ``joint``: whole photos, every loss (:class:`Run`); ``identity-crops``: the identity branch alone on face
@@ -285,23 +289,29 @@ def embed_boxes(model: JointNetV2, image: np.ndarray, boxes: list[list[float]], 
         return model.embed(maps[3:], placed, torch.zeros(len(placed), dtype=torch.long)).numpy()
 
 
-def p2_proxy_set(lfw_labels: str | Path, people: int) -> list[tuple[str, str, list[float]]]:
-    """``(person, photo path, landmark box)`` of the first ``people`` LFW P2 people (2-5 photos, sorted)."""
+def p2_proxy_set(lfw_labels: str | Path, people: int, photos: tuple[int, int] = (2, 5)
+                 ) -> list[tuple[str, str, list[float]]]:
+    """``(person, photo path, landmark box)`` of the first ``people`` LFW people (sorted) with ``photos[0]`` to
+    ``photos[1]`` photos, each photo's subject found by the teacher: P2's enrolled people with the default,
+    its strangers with ``(1, 1)``."""
     from jointface.datasets.teacher import manifest_path, read_face_labels
 
+    if people <= 0:
+        return []
     root = Path(json.loads(manifest_path(Path(lfw_labels)).read_text())["root"])
     by_person: dict[str, list[dict]] = {}
     for record in read_face_labels(lfw_labels):
         by_person.setdefault(record["path"].split("/")[0], []).append(record)
-    chosen = []
+    chosen, persons = [], 0
     for person in sorted(by_person):
         records = sorted(by_person[person], key=lambda r: r["path"])
-        if not 2 <= len(records) <= 5 or any(r["status"] != "ok" for r in records):
+        if not photos[0] <= len(records) <= photos[1] or any(r["status"] != "ok" for r in records):
             continue
         for record in records:
             subject = next(f for f in record["faces"] if f["subject"])
             chosen.append((person, str(root / record["path"]), subject["landmark_box"]))
-        if len({c[0] for c in chosen}) >= people:
+        persons += 1
+        if persons >= people:
             break
     return chosen
 
@@ -323,8 +333,29 @@ def proxy_rank1(people: list[str], embeddings) -> tuple[float, int]:
     return float(np.mean([gallery_names[b] == name for b, name in zip(best, probe_names)])), len(probes)
 
 
+def proxy_open_set(people: list[str], embeddings, strangers) -> dict[str, float]:
+    """P2's open-set figures on a P2-proxy set (gallery: each person's first embedding; mated probes: the
+    others) with ``strangers`` (embeddings of people not enrolled) as the non-mated probes: TPIR at FPIR 0.01
+    and 0.1 (thresholds from the strangers' best scores, as P2 sets them); NaN without both kinds of probe."""
+    from jointface.calibration import threshold_for_fpir, tpir_at_threshold
+
+    gallery, gallery_names, probes, probe_names = [], [], [], []
+    for person, embedding in zip(people, embeddings):
+        (probes if person in gallery_names else gallery).append(embedding)
+        (probe_names if person in gallery_names else gallery_names).append(person)
+    if not probes or len(strangers) == 0:
+        return {"p2proxy_tpir01": float("nan"), "p2proxy_tpir10": float("nan")}
+    gallery = np.stack(gallery)
+    scores = np.stack(probes) @ gallery.T
+    correct = [gallery_names[b] == name for b, name in zip(np.argmax(scores, axis=1), probe_names)]
+    nonmated = np.max(np.stack(strangers) @ gallery.T, axis=1)
+    return {f"p2proxy_tpir{round(fpir * 100):02d}": tpir_at_threshold(correct, np.max(scores, axis=1),
+                                                                       threshold_for_fpir(nonmated, fpir))
+            for fpir in (0.01, 0.1)}
+
+
 def validate(model: JointNetV2, holdout, teacher_mean: np.ndarray, proxy, loader: PhotoLoader,
-             size: int) -> dict[str, float]:
+             size: int, strangers=()) -> dict[str, float]:
     from jointface.imageio import load_image
 
     model.eval()
@@ -341,11 +372,15 @@ def validate(model: JointNetV2, holdout, teacher_mean: np.ndarray, proxy, loader
         for embedding, face in zip(embeddings, faces):
             target = face.teacher - teacher_mean
             cosines.append(float(embedding @ target / max(np.linalg.norm(target), 1e-9)))
-    rank1, probes = proxy_rank1([person for person, _, _ in proxy],
-                                [embed_boxes(model, load_image(path), [box], size)[0] for _, path, box in proxy])
+    people = [person for person, _, _ in proxy]
+    embeddings = [embed_boxes(model, load_image(path), [box], size)[0] for _, path, box in proxy]
+    rank1, probes = proxy_rank1(people, embeddings)
+    open_set = proxy_open_set(people, embeddings,
+                              [embed_boxes(model, load_image(path), [box], size)[0] for _, path, box in strangers])
     model.train()
     return {"holdout_cos": float(np.mean(cosines)) if cosines else float("nan"), "p2proxy_rank1": rank1,
-            "p2proxy_probes": probes, "holdout_faces": len(cosines)}
+            "p2proxy_probes": probes, **open_set, "p2proxy_strangers": len(strangers),
+            "holdout_faces": len(cosines)}
 
 
 # ----------------------------------------------------------------------------- export
@@ -387,6 +422,10 @@ def plot_curves(out_dir: Path) -> None:
         x = [int(r["step"]) for r in validation]
         axes[1].plot(x, [float(r["holdout_cos"]) for r in validation], "o-", label="held-out AAF: cos to teacher")
         axes[1].plot(x, [float(r["p2proxy_rank1"]) for r in validation], "s-", label="P2 proxy rank-1")
+        for name, label in (("p2proxy_tpir10", "P2 proxy TPIR at FPIR 0.1"),
+                            ("p2proxy_tpir01", "P2 proxy TPIR at FPIR 0.01")):
+            if name in validation[0]:  # runs validated before the proxy's strangers lack them
+                axes[1].plot(x, [float(r[name]) for r in validation], "^-", label=label)
         axes[1].set_xlabel("step")
         axes[1].set_ylim(0, 1)
         axes[1].set_title("people never trained on")
@@ -429,6 +468,8 @@ class Run:
                                                seed=config.seed) for size in config.canvas_sizes} if canvases else {}
         self.teacher_mean = self.data.teacher_mean()
         self.proxy = p2_proxy_set(config.labels["lfw"], config.p2proxy_people) if config.validate_every else []
+        self.strangers = p2_proxy_set(config.labels["lfw"], config.p2proxy_strangers, photos=(1, 1)) \
+            if config.validate_every else []
         self.step = 0
         self._build()
 
@@ -590,7 +631,7 @@ class Run:
 
     def validate_and_export(self) -> dict:
         metrics = validate(self.model, self.data.holdout[:200], self.teacher_mean, self.proxy, self.loader,
-                           self.config.input_size)
+                           self.config.input_size, [(path, box) for _, path, box in self.strangers])
         self._append("validation.csv", {"step": self.step, **{k: round(v, 5) if isinstance(v, float) else v
                                                               for k, v in metrics.items()}})
         export_weights(self.model, self.margin_head, self.config, self.step, metrics,
