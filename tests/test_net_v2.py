@@ -885,6 +885,40 @@ def test_singleton_rows_start_at_the_students_own_embedding_of_their_one_face(on
     assert torch.allclose(norms[2:], before[:2].norm(dim=1).median().expand(2), atol=1e-5)
 
 
+def test_singleton_rows_by_momentum_follow_their_face_and_get_no_gradient(one_torch_thread):
+    from types import SimpleNamespace
+
+    from jointface.net.model import MarginClassifier
+    from jointface.train.crops import CropBank, CropSettings, CropSource
+
+    torch.manual_seed(0)
+    head = MarginClassifier(16, 4, "cosface", 30.0, 0.35)
+    before = head.weight.detach().clone()
+    bank = CropBank(np.zeros((5, 8, 8, 3), dtype=np.uint8), np.zeros((5, 4), dtype=np.float32),
+                    np.zeros((5, 128), dtype=np.float32), np.array([0, 0, 2, -1, 3]))
+    source = object.__new__(CropSource)
+    source.run = SimpleNamespace(margin_head=head)
+    source.bank, source.view_start, source.pending_rows = bank, None, None
+    source.settings = CropSettings(singleton_momentum=0.5)
+    mask = source.hold_singleton_rows()
+    assert mask.tolist() == [False, False, True, True]
+    embeddings = torch.randn(3, 16, requires_grad=True)
+    loss = torch.nn.functional.cross_entropy(head(embeddings, torch.tensor([0, 2, 3])), torch.tensor([0, 2, 3]))
+    loss.backward()
+    assert head.weight.grad[2:].abs().sum() == 0 and head.weight.grad[:2].abs().sum() > 0
+    # after the step: rows 2 and 3 halfway (on the sphere) to their face's embedding, their norm kept
+    source.pending_rows = (torch.tensor([2, 3]), embeddings.detach()[1:])
+    source.update_rows()
+    unit = torch.nn.functional.normalize
+    expected = unit(0.5 * unit(before[2:], dim=1) + 0.5 * unit(embeddings.detach()[1:], dim=1), dim=1)
+    assert torch.allclose(unit(head.weight.detach()[2:], dim=1), expected, atol=1e-6)
+    assert torch.allclose(head.weight.detach()[2:].norm(dim=1), before[2:].norm(dim=1), atol=1e-5)
+    assert torch.equal(head.weight.detach()[:2], before[:2]) and source.pending_rows is None
+    source.settings = CropSettings(singleton_momentum=1.0)
+    with pytest.raises(ValueError, match="singleton_momentum"):
+        source.hold_singleton_rows()
+
+
 def test_a_reopened_crop_bank_takes_the_identities_of_the_run_that_reopens_it(tmp_path, lfw_dir):
     import dataclasses
 

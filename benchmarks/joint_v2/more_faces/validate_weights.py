@@ -1,4 +1,5 @@
-"""A v2 weights file measured by a training config's own validation (held-out All-Age-Faces cosine, P2 proxy).
+"""A v2 weights file measured by a training config's own validation (held-out All-Age-Faces cosine, P2 proxy
+rank-1 and TPIR).
 
     python benchmarks/joint_v2/more_faces/validate_weights.py CONFIG WEIGHTS...
 
@@ -25,12 +26,15 @@ def main() -> None:
     args = parser.parse_args()
     config = TrainConfigV2.load(args.config)
     torch.set_num_threads(config.num_threads or 2)
-    data = build_training_set(config.labels, limits=config.limits)
+    data = build_training_set(config.labels, limits=config.limits, singleton_layouts=config.singleton_classes)
     proxy = p2_proxy_set(config.labels["lfw"], config.p2proxy_people)
+    strangers = [(path, box) for _, path, box in p2_proxy_set(config.labels["lfw"], config.p2proxy_strangers,
+                                                                photos=(1, 1))]
     loader = PhotoLoader(cache_items=0)
     teacher_mean = data.teacher_mean()
     for path in args.weights:
-        metrics = validate(v2_network(path), data.holdout[:200], teacher_mean, proxy, loader, config.input_size)
+        metrics = validate(v2_network(path), data.holdout[:200], teacher_mean, proxy, loader, config.input_size,
+                           strangers)
         print(json.dumps({"weights": path, **metrics}), flush=True)
 
 
