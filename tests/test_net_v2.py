@@ -439,13 +439,14 @@ def test_multi_scale_canvases_alternate_by_step(tmp_path, lfw_dir, one_torch_thr
                             input_size=64, canvas_sizes=[64, 96], fpn_channels=16, identity_channels=16,
                             embedding_dim=16, roi_size=4, batch_size=2, max_steps=2, warmup_steps=1,
                             validate_every=2, p2proxy_people=2, anchor_sample_images=20, num_threads=1,
-                            progress=False))
+                            progress=False, keep_exports=True))
     assert [run.batch(step)[0].shape[1] for step in range(4)] == [64, 96, 64, 96]
     result = run.run()
     assert result["step"] == 2 and result["p2proxy_probes"] == 6
     assert result["p2proxy_strangers"] == 0 and math.isnan(result["p2proxy_tpir10"])  # no one-photo person
     # validated once at the last step, not twice
     assert len((tmp_path / "run" / "validation.csv").read_text().splitlines()) == 2
+    assert (tmp_path / "run" / "jointface.step2.pt").read_bytes() == (tmp_path / "run" / "jointface.pt").read_bytes()
 
 
 def test_a_truncated_crop_bank_is_cut_again(tmp_path, lfw_dir):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -127,6 +128,7 @@ class TrainConfigV2:
     validate_every: int = 500
     p2proxy_people: int = 300
     p2proxy_strangers: int = 600          # LFW people of one photo searched as strangers at validation (0: none)
+    keep_exports: bool = False            # also keep each validation's weights as jointface.step<N>.pt
     progress: bool = True
     notes: str = ""                       # free text kept with the run (what this stage changed, and why)
     #: ``joint``: whole photos, every loss (:class:`Run`); ``identity-crops``: the identity branch alone on face
@@ -636,6 +638,8 @@ class Run:
                                                               for k, v in metrics.items()}})
         export_weights(self.model, self.margin_head, self.config, self.step, metrics,
                        self.out_dir / "jointface.pt", self.data.counts)
+        if self.config.keep_exports:  # a run that peaks before its end keeps its peak
+            shutil.copyfile(self.out_dir / "jointface.pt", self.out_dir / f"jointface.step{self.step}.pt")
         plot_curves(self.out_dir)
         return metrics
 
