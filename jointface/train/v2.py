@@ -378,7 +378,7 @@ def validate(model: JointNetV2, holdout, teacher_mean: np.ndarray, proxy, loader
     embeddings = [embed_boxes(model, load_image(path), [box], size)[0] for _, path, box in proxy]
     rank1, probes = proxy_rank1(people, embeddings)
     open_set = proxy_open_set(people, embeddings,
-                              [embed_boxes(model, load_image(path), [box], size)[0] for _, path, box in strangers])
+                              [embed_boxes(model, load_image(path), [box], size)[0] for path, box in strangers])
     model.train()
     return {"holdout_cos": float(np.mean(cosines)) if cosines else float("nan"), "p2proxy_rank1": rank1,
             "p2proxy_probes": probes, **open_set, "p2proxy_strangers": len(strangers),
