@@ -43,6 +43,33 @@ def test_add_search_and_duplicates(gallery):
     assert people == {"ada": 2, "bob": 2}
 
 
+def test_search_names_the_first_candidates_first_and_the_rest_when_needed(gallery, monkeypatch):
+    """The same people as naming every candidate, with one name lookup when the first candidates are
+    enough, and a second when a person's several faces (or a deleted face) fill them."""
+    import dataclasses
+
+    others = [face(f"p{i}", 100 + i) for i in range(40)]
+    near = [dataclasses.replace(face("ada", seed), embedding=(v := face("ada", 1).embedding + 0.01 * seed) /
+                                np.linalg.norm(v)) for seed in (1, 2, 3)]  # ada's three faces, the nearest three
+    gallery.add_faces(ENGINE, near + others)
+    query = face("ada", 1).embedding[None]
+    lookups: list[list[int]] = []
+    original = gallery._face_names
+    monkeypatch.setattr(gallery, "_face_names", lambda ids: lookups.append(ids) or original(ids))
+    one = gallery.search(ENGINE, query, top_k=1)[0]
+    assert [h.name for h in one] == ["ada"] and one[0].similarity > 0.99
+    assert [len(ids) for ids in lookups] == [1]  # one face named, not 32
+    lookups.clear()
+    two = gallery.search(ENGINE, query, top_k=2)[0]  # ada's faces fill the first candidates: a second lookup
+    assert len(lookups) == 2 and two[0].name == "ada" and len({h.name for h in two}) == 2
+    # the same answer as naming every candidate at once (top_k larger than any first round leaves short)
+    every = gallery.search(ENGINE, query, top_k=43)[0]
+    assert [h.name for h in two] == [h.name for h in every[:2]]
+    assert [h.similarity for h in two] == [h.similarity for h in every[:2]]
+    gallery.remove_person("ada")  # its faces gone from the database: none of them is named
+    assert "ada" not in {h.name for h in gallery.search(ENGINE, query, top_k=3)[0]}
+
+
 def test_what_the_gallery_answers_about_its_faces(gallery):
     ids = gallery.add_faces(ENGINE, [face("ada", 1), face("bob", 2)])
     gallery.add_faces(EmbeddingSpace("other", "v9", DIM), [face("ada", 3)])
