@@ -84,6 +84,21 @@ def default_db_url(home: Path) -> str:
     return f"sqlite:///{Path(home) / 'jointface.db'}"
 
 
+
+def _best_people(row_sims, row_ids, names: dict[int, str], top_k: int) -> list[SearchHit]:
+    """One query's best ``top_k`` people, best first, from its candidates in order (one hit per person; a
+    candidate without a name, an empty slot or a face deleted since the index was read, is passed over)."""
+    best: dict[str, SearchHit] = {}
+    for sim, face_id in zip(row_sims, row_ids):
+        name = names.get(int(face_id))
+        if name is None or name in best:
+            continue
+        best[name] = SearchHit(name, float(sim), int(face_id))
+        if len(best) == top_k:
+            break
+    return list(best.values())
+
+
 class Gallery:
     """Open with :meth:`Gallery.open`; close (or use as a context manager) when done."""
 
@@ -618,34 +633,21 @@ class Gallery:
         if len(queries) == 0:
             return []
         sims, ids = self.backend.search(space, queries, max(top_k * 8, 32))
-        # Names of the first top_k candidates of every query first; the rest only when some query has not
+        # Names of the first top_k candidates of every query first; the others only for a query that has not
         # found top_k people among them (a person with several faces near the top, a face deleted since the
         # index was read). The answer is the same as naming every candidate; one face per query is what a
         # search with top_k 1 usually needs, not 32 (P4's step profile: gallery_search per mosaic).
-        names: dict[int, str] = {}
-        looked: set[int] = set()
-        columns = min(top_k, ids.shape[1])
-        while True:
-            wanted = {int(i) for i in ids[:, :columns].ravel() if i >= 0} - looked
-            if wanted:
-                names.update(self._face_names(sorted(wanted)))
-            looked |= wanted
-            results: list[list[SearchHit]] = []
-            short = False
-            for row_sims, row_ids in zip(sims[:, :columns], ids[:, :columns]):
-                best: dict[str, SearchHit] = {}
-                for sim, face_id in zip(row_sims, row_ids):
-                    name = names.get(int(face_id))
-                    if name is None or name in best:
-                        continue  # empty slot, or a face deleted since the index was read
-                    best[name] = SearchHit(name, float(sim), int(face_id))
-                    if len(best) == top_k:
-                        break
-                short |= len(best) < top_k
-                results.append(list(best.values()))
-            if not short or columns == ids.shape[1]:
-                return results
-            columns = ids.shape[1]
+        first = min(top_k, ids.shape[1])
+        names = self._face_names(sorted({int(i) for i in ids[:, :first].ravel() if i >= 0}))
+        results = [_best_people(row_sims, row_ids, names, top_k) for row_sims, row_ids in zip(sims[:, :first],
+                                                                                            ids[:, :first])]
+        short = [row for row, hits in enumerate(results) if len(hits) < top_k]
+        rest = sorted({int(i) for i in ids[short, first:].ravel() if i >= 0}) if short else []
+        if rest:
+            names.update(self._face_names(rest))
+        for row in short:
+            results[row] = _best_people(sims[row], ids[row], names, top_k)
+        return results
 
     def _face_names(self, face_ids: list[int]) -> dict[int, str]:
         """The person's name of each face id (a face deleted meanwhile is absent): one statement per 900 ids.

@@ -318,9 +318,9 @@ def p2_proxy_set(lfw_labels: str | Path, people: int, photos: tuple[int, int] = 
     return chosen
 
 
-def proxy_rank1(people: list[str], embeddings) -> tuple[float, int]:
-    """1:N rank-1 of a P2-proxy set in its order (each person's first embedding enrolled, the others probes)
-    and the number of probes; NaN without probes."""
+def proxy_split(people: list[str], embeddings) -> tuple[list, list[str], list, list[str]]:
+    """A P2-proxy set in its order as ``(gallery, gallery names, probes, probe names)``: each person's first
+    embedding enrolled, the others probes."""
     gallery, gallery_names, probes, probe_names = [], [], [], []
     for person, embedding in zip(people, embeddings):
         if person not in gallery_names:
@@ -329,6 +329,12 @@ def proxy_rank1(people: list[str], embeddings) -> tuple[float, int]:
         else:
             probes.append(embedding)
             probe_names.append(person)
+    return gallery, gallery_names, probes, probe_names
+
+
+def proxy_rank1(people: list[str], embeddings) -> tuple[float, int]:
+    """1:N rank-1 of a P2-proxy set (:func:`proxy_split`) and the number of probes; NaN without probes."""
+    gallery, gallery_names, probes, probe_names = proxy_split(people, embeddings)
     if not probes:
         return float("nan"), 0
     best = np.argmax(np.stack(probes) @ np.stack(gallery).T, axis=1)
@@ -336,15 +342,12 @@ def proxy_rank1(people: list[str], embeddings) -> tuple[float, int]:
 
 
 def proxy_open_set(people: list[str], embeddings, strangers) -> dict[str, float]:
-    """P2's open-set figures on a P2-proxy set (gallery: each person's first embedding; mated probes: the
-    others) with ``strangers`` (embeddings of people not enrolled) as the non-mated probes: TPIR at FPIR 0.01
-    and 0.1 (thresholds from the strangers' best scores, as P2 sets them); NaN without both kinds of probe."""
+    """P2's open-set figures on a P2-proxy set (:func:`proxy_split`) with ``strangers`` (embeddings of people
+    not enrolled) as the non-mated probes: TPIR at FPIR 0.01 and 0.1 (thresholds from the strangers' best
+    scores, as P2 sets them); NaN without both kinds of probe."""
     from jointface.calibration import threshold_for_fpir, tpir_at_threshold
 
-    gallery, gallery_names, probes, probe_names = [], [], [], []
-    for person, embedding in zip(people, embeddings):
-        (probes if person in gallery_names else gallery).append(embedding)
-        (probe_names if person in gallery_names else gallery_names).append(person)
+    gallery, gallery_names, probes, probe_names = proxy_split(people, embeddings)
     if not probes or len(strangers) == 0:
         return {"p2proxy_tpir01": float("nan"), "p2proxy_tpir10": float("nan")}
     gallery = np.stack(gallery)
@@ -470,8 +473,8 @@ class Run:
                                                seed=config.seed) for size in config.canvas_sizes} if canvases else {}
         self.teacher_mean = self.data.teacher_mean()
         self.proxy = p2_proxy_set(config.labels["lfw"], config.p2proxy_people) if config.validate_every else []
-        self.strangers = p2_proxy_set(config.labels["lfw"], config.p2proxy_strangers, photos=(1, 1)) \
-            if config.validate_every else []
+        self.strangers = [(path, box) for _, path, box in p2_proxy_set(config.labels["lfw"], config.p2proxy_strangers,
+                                                                        photos=(1, 1))] if config.validate_every else []
         self.step = 0
         self._build()
 
@@ -633,7 +636,7 @@ class Run:
 
     def validate_and_export(self) -> dict:
         metrics = validate(self.model, self.data.holdout[:200], self.teacher_mean, self.proxy, self.loader,
-                           self.config.input_size, [(path, box) for _, path, box in self.strangers])
+                           self.config.input_size, self.strangers)
         self._append("validation.csv", {"step": self.step, **{k: round(v, 5) if isinstance(v, float) else v
                                                               for k, v in metrics.items()}})
         export_weights(self.model, self.margin_head, self.config, self.step, metrics,
