@@ -83,6 +83,31 @@ def participation(embeddings: np.ndarray) -> float:
     return float(values.sum() ** 2 / (values ** 2).sum())
 
 
+def p2_embeddings(engine_name: str, weights: Path, cache_dir: Path) -> dict:
+    """P2's embeddings as ``jointface bench p2`` reads them (``gallery``, ``mated``, ``nonmated``, plus
+    ``train``: the first ``TRAINING_MEAN_PHOTOS`` LFW P1 training photos), each image's best face (NaN rows:
+    no face), with ``people`` (the gallery's names), ``labels`` (the mated probes' people) and ``digest``
+    (the weights' sha256, 12 digits). Cached in ``cache_dir``, one ``.npz`` per engine and weights."""
+    lfw = default_shared_data() / "lfw"
+    split = p2_split(lfw)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
+    cache = cache_dir / f"{engine_name}-{digest}.npz"
+    if cache.exists():
+        stored = np.load(cache)
+        arrays = {k: stored[k] for k in ("gallery", "mated", "nonmated", "train")}
+    else:
+        engine = get_engine(f"{engine_name}@{weights}")
+        training = list(p1_split(lfw).train)[:TRAINING_MEAN_PHOTOS]
+        arrays = {"gallery": embed(engine, [i.path for i in split.gallery], "gallery"),
+                  "mated": embed(engine, [i.path for i in split.mated], "mated"),
+                  "nonmated": embed(engine, [i.path for i in split.nonmated], "non-mated"),
+                  "train": embed(engine, [i.path for i in training], "P1 training")}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, **arrays)
+    return {**arrays, "people": [i.person for i in split.gallery], "labels": [i.person for i in split.mated],
+            "digest": digest}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("weights")
@@ -90,25 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default="runs/open_set")
     parser.add_argument("--out", default=str(Path(__file__).parent))
     args = parser.parse_args(argv)
-    lfw = default_shared_data() / "lfw"
-    split = p2_split(lfw)
-    training = list(p1_split(lfw).train)[:TRAINING_MEAN_PHOTOS]
     weights = Path(args.weights)
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
-    cache = Path(args.cache) / f"{args.engine}-{digest}.npz"
-    if cache.exists():
-        stored = np.load(cache)
-        gallery, mated, nonmated, train = (stored[k] for k in ("gallery", "mated", "nonmated", "train"))
-    else:
-        engine = get_engine(f"{args.engine}@{weights}")
-        gallery = embed(engine, [i.path for i in split.gallery], "gallery")
-        mated = embed(engine, [i.path for i in split.mated], "mated")
-        nonmated = embed(engine, [i.path for i in split.nonmated], "non-mated")
-        train = embed(engine, [i.path for i in training], "P1 training")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, gallery=gallery, mated=mated, nonmated=nonmated, train=train)
-    people = [i.person for i in split.gallery]
-    labels = [i.person for i in split.mated]
+    p2 = p2_embeddings(args.engine, weights, Path(args.cache))
+    gallery, mated, nonmated, train = (p2[k] for k in ("gallery", "mated", "nonmated", "train"))
+    people, labels, digest = p2["people"], p2["labels"], p2["digest"]
     found = lambda x: x[~np.isnan(x).any(1)]  # noqa: E731
     identity = np.eye(gallery.shape[1], dtype=np.float32)
     arms = {"raw": (np.zeros(gallery.shape[1], dtype=np.float32), identity),
