@@ -268,6 +268,56 @@ def test_onnx_graph_is_cached_and_a_damaged_cache_file_is_exported_again(tmp_pat
     assert [p.name for p in tmp_path.iterdir()] == [first.path.name]  # no temporary files left
 
 
+def test_space_to_depth_kernel_is_the_same_convolution():
+    """A 7x7 stride-2 convolution (pads 3) equals the 4x4 stride-1 one (pads 2, 2, 1, 1) of the moved kernel
+    over the input rearranged 2x2 pixels into channels, for every output position, borders included."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from jointface.engines.onnx_runtime import space_to_depth, space_to_depth_kernel
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(5, 3, 7, 7), torch.randn(5)
+    image = torch.randn(2, 3, 38, 26)
+    expected = F.conv2d(image, weight, bias, stride=2, padding=3)
+    moved = torch.from_numpy(space_to_depth_kernel(weight.numpy()))
+    rearranged = torch.from_numpy(space_to_depth(image.numpy()))
+    assert rearranged.shape == (2, 12, 19, 13) and moved.shape == (5, 12, 4, 4)
+    got = F.conv2d(F.pad(rearranged, (2, 1, 2, 1)), moved, bias)
+    assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-4)
+    # every tap of the old kernel lands exactly once; the new kernel's other taps are zero
+    assert np.count_nonzero(space_to_depth_kernel(np.ones((1, 3, 7, 7)))) == 3 * 49
+
+
+def test_int8_model_runs_its_first_convolution_on_the_rearranged_photo_with_the_same_output(lfw_dir):
+    """The default engine's int8 model, rewritten at load (``space_to_depth_first_conv``), gives every output
+    map bit for bit as the model on disk does, on real photos; an input of odd side runs the model as it is;
+    a graph of another shape (the identity head) is left untouched."""
+    import numpy as np
+    import onnx
+
+    from jointface.engines import get_engine
+    from jointface.engines.onnx_runtime import _int8_session, int8_head_path, space_to_depth_first_conv
+    from jointface.imageio import load_image
+
+    engine = get_engine("jointface")
+    engine = getattr(engine, "inner", engine)
+    maps = engine._maps
+    assert maps.first_conv_s2d and engine.describe()["first_conv_space_to_depth"]
+    plain, rearranged = _int8_session(maps.path, engine.version, threads=1)
+    assert not rearranged
+    photos = [load_image(path) for path in sorted(lfw_dir.glob("*/*_0001.jpg"))[:6]]
+    batch = engine.network_batch(photos)
+    for got, want in zip(maps(torch.from_numpy(batch)), plain.run(None, {"images": batch})):
+        assert np.array_equal(got.numpy(), want)
+    odd = np.random.default_rng(0).random((1, 3, 97, 130), dtype=np.float32)
+    for got, want in zip(maps(torch.from_numpy(odd)), plain.run(None, {"images": odd})):
+        assert np.array_equal(got.numpy(), want)
+    head = onnx.load(str(int8_head_path(maps.path)))
+    before = head.SerializeToString()
+    assert not space_to_depth_first_conv(head) and head.SerializeToString() == before
+
+
 def test_classifier_scores_follow_the_heads_that_were_trained():
     import numpy as np
 

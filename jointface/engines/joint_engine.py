@@ -511,6 +511,7 @@ class JointEngine(Engine):
                     f"auto ({self.record.input_size}-{self.MAX_INPUT_SIZE})" if self.architecture != "v2" else
                     f"auto ({self.V2_INPUT_SCALE:g} x photo, {self.record.input_size}-{self.V2_MAX_INPUT_SIZE})"),
                 "runtime": self.runtime, "identity_head_runtime": "int8" if self._onnx_head else "torch",
+                "first_conv_space_to_depth": bool(getattr(self._maps, "first_conv_s2d", False)),
                 "flip_tta": self.flip, "bf16": self.bf16,
                 "channels_last": self.channels_last, "fused_batchnorm": self.fused,
                 "conf_threshold": self.conf_threshold, "large_face_threshold": self.large_face_threshold,
