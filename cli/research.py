@@ -63,6 +63,10 @@ def bench(
     settings(ctx).apply_threads()
     names = engines or _benchmark_engines()
     chosen = [get_engine(name) for name in names]
+    try:
+        bench_run.check_engine_names(names, chosen)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
     cache = cache_dir or Path.home() / ".cache" / "jointface" / "bench"
     if seed_dlib is not None:
         from jointface.bench.cache import seed_dlib_cache

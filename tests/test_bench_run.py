@@ -101,6 +101,23 @@ def test_bench_p1_subset_and_readme_report(run_cli, tmp_path, lfw_dir):
     assert not update_readme(readme, out)  # idempotent
 
 
+def test_bench_refuses_two_engines_of_one_name(run_cli, tmp_path):
+    """Results are keyed by engine name: two weights files of one file name (or one engine asked twice)
+    would overwrite each other's figures, so the run is refused before any work, with a message."""
+    from jointface.engines.joint_engine import default_weights_path
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "jointface.pt").symlink_to(default_weights_path())
+    out = tmp_path / "results"
+    result = run_cli("bench", "p1", "-e", f"jointface-torch@{tmp_path / 'a' / 'jointface.pt'}",
+                     "-e", f"jointface-torch@{tmp_path / 'b' / 'jointface.pt'}", "--limit", "1", "--out", out)
+    assert result.returncode != 0 and "both named 'jointface-torch@jointface'" in result.stderr
+    assert "same file name" in result.stderr and not out.exists()
+    twice = run_cli("bench", "p1", "-e", "dlib", "-e", "dlib", "--limit", "1", "--out", out)
+    assert twice.returncode != 0 and "asked for twice" in twice.stderr and not out.exists()
+
+
 def test_bench_p4_subset_profiles_the_joint_engine_steps(run_cli, tmp_path):
     out = tmp_path / "results"
     result = run_cli("--threads", "1", "bench", "p4", "--engine", "jointface", "--limit", "4", "--out", out,

@@ -21,7 +21,7 @@ from jointface.engines import Engine
 from . import registry
 from .common import BenchContext, caching, engine_records, environment, json_default, protocol_markdown
 
-__all__ = ["BenchContext", "markdown_for", "run_protocol", "write_results"]
+__all__ = ["BenchContext", "check_engine_names", "markdown_for", "run_protocol", "write_results"]
 
 
 def markdown_for(result: dict) -> str:
@@ -37,6 +37,21 @@ def write_results(result: dict, engines: Sequence[Engine], out_dir: Path, tag: s
     json_path.write_text(json.dumps(result, indent=2, default=json_default) + "\n")
     (out_dir / f"{stem}.md").write_text(markdown_for(result))
     return json_path
+
+
+def check_engine_names(requested: Sequence[str], engines: Sequence[Engine]) -> None:
+    """Refuse (``ValueError``) engines that share a name: a protocol keys its figures, plots and
+    detection caches by engine name, so the second would silently replace the first. Two weights files
+    of one file name (``runs/a/jointface.pt``, ``runs/b/jointface.pt``) are the usual cause."""
+    seen: dict[str, str] = {}
+    for asked, engine in zip(requested, engines):
+        if engine.name in seen:
+            first = seen[engine.name]
+            why = "the same engine was asked for twice" if first == asked else \
+                "their weights files have the same file name; link or copy one under another name"
+            raise ValueError(f"engines {first!r} and {asked!r} are both named {engine.name!r} in the results "
+                             f"({why})")
+        seen[engine.name] = asked
 
 
 def run_protocol(name: str, engines: Sequence[Engine], ctx: BenchContext, out_dir: Path) -> dict:
