@@ -289,6 +289,48 @@ def test_space_to_depth_kernel_is_the_same_convolution():
     assert np.count_nonzero(space_to_depth_kernel(np.ones((1, 3, 7, 7)))) == 3 * 49
 
 
+def test_space_to_depth_rewrite_of_an_fp32_graph_and_graphs_it_leaves_alone(tmp_path):
+    """An fp32 graph whose input feeds a 7x7 stride-2 convolution runs the same after the rewrite; a graph
+    whose input feeds something else too, or whose first convolution is another, is left as it was."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from jointface.engines.onnx_runtime import space_to_depth, space_to_depth_first_conv
+
+    class Stem(torch.nn.Module):
+        def __init__(self, kernel: int, stride: int, also_mean: bool = False):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, kernel, stride, kernel // 2)
+            self.tail = torch.nn.Conv2d(8, 4, 1)
+            self.also_mean = also_mean
+
+        def forward(self, images):
+            out = self.tail(torch.relu(self.conv(images)))
+            return out + images.mean() if self.also_mean else out
+
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 64, 48)
+
+    def exported(module, name):
+        path = tmp_path / f"{name}.onnx"
+        torch.onnx.export(module.eval(), (images[:1],), str(path), input_names=["images"], output_names=["out"],
+                          dynamic_axes={"images": {0: "b", 2: "h", 3: "w"}}, opset_version=17, dynamo=False)
+        return onnx.load(str(path))
+
+    stem = Stem(7, 2)
+    model = exported(stem, "stem")
+    assert space_to_depth_first_conv(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        want = stem(images).numpy()
+    assert np.allclose(session.run(None, {"images": space_to_depth(images)})[0], want, atol=1e-4)
+    for other in (Stem(7, 2, also_mean=True), Stem(3, 1)):
+        graph = exported(other, "other")
+        before = graph.SerializeToString()
+        assert not space_to_depth_first_conv(graph) and graph.SerializeToString() == before
+
+
 def test_int8_model_runs_its_first_convolution_on_the_rearranged_photo_with_the_same_output(lfw_dir):
     """The default engine's int8 model, rewritten at load (``space_to_depth_first_conv``), gives every output
     map bit for bit as the model on disk does, on real photos; an input of odd side runs the model as it is;
