@@ -59,9 +59,14 @@ def candidates(probes: np.ndarray, gallery: np.ndarray, people: list[str], top_k
     unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
     found = ~np.isnan(gallery).any(1)
     sims = unit(np.nan_to_num(probes)) @ unit(gallery[found]).T
-    names = [p for p, ok in zip(people, found) if ok]
+    return top_candidates(sims, probes, [p for p, ok in zip(people, found) if ok], top_k)
+
+
+def top_candidates(scores: np.ndarray, probes: np.ndarray, names: list[str], top_k: int = 5) -> list:
+    """Per probe (a row of ``scores`` against the gallery's ``names``) its top ``top_k`` ``(person, score)``;
+    ``None`` for a probe without a face (a NaN row of ``probes``)."""
     out = []
-    for row, probe in zip(sims, probes):
+    for row, probe in zip(scores, probes):
         if np.isnan(probe).any():
             out.append(None)
             continue
@@ -108,13 +113,19 @@ def p2_embeddings(engine_name: str, weights: Path, cache_dir: Path) -> dict:
             "digest": digest}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def p2_arguments(description: str) -> argparse.ArgumentParser:
+    """The arguments of a script that rescores P2's cached embeddings: weights, ``--engine``, ``--cache``,
+    ``--out``."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("weights")
     parser.add_argument("--engine", default="jointface", help="engine family (the weights are given with @)")
     parser.add_argument("--cache", default="runs/open_set")
     parser.add_argument("--out", default=str(Path(__file__).parent))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = p2_arguments(__doc__.splitlines()[0]).parse_args(argv)
     weights = Path(args.weights)
     p2 = p2_embeddings(args.engine, weights, Path(args.cache))
     gallery, mated, nonmated, train = (p2[k] for k in ("gallery", "mated", "nonmated", "train"))

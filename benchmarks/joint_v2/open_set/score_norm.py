@@ -22,7 +22,6 @@ beside the P2 ones.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from centring import embed, p2_embeddings  # noqa: E402 - the P2 embeddings, cached
+from centring import embed, p2_arguments, p2_embeddings, top_candidates  # noqa: E402 - the P2 embeddings, cached
 
 from jointface.bench import metrics  # noqa: E402
 from jointface.datasets.collections import read_all_age_faces  # noqa: E402
@@ -65,22 +64,11 @@ def scored_candidates(probes: np.ndarray, gallery: np.ndarray, people: list[str]
         t = (sims - mp[:, None]) / sp[:, None]
         z = (sims - mg[None, :]) / sg[None, :]
         sims = {"T": t, "Z": z, "S": 0.5 * (t + z)}[mode]
-    out = []
-    for row, probe in zip(sims, probes):
-        if np.isnan(probe).any():
-            out.append(None)
-            continue
-        best = np.argsort(-row)[:k]
-        out.append([(names[i], float(row[i])) for i in best])
-    return out
+    return top_candidates(sims, probes, names, k)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("weights")
-    parser.add_argument("--engine", default="jointface", help="engine family (the weights are given with @)")
-    parser.add_argument("--cache", default="runs/open_set")
-    parser.add_argument("--out", default=str(Path(__file__).parent))
+    parser = p2_arguments(__doc__.splitlines()[0])
     parser.add_argument("--aaf", default="runs/data/All-Age-Faces Dataset", help="All-Age-Faces folder (cohort)")
     parser.add_argument("--cohort", type=int, default=COHORT, help="All-Age-Faces photos in the cohort")
     args = parser.parse_args(argv)
