@@ -84,7 +84,6 @@ def default_db_url(home: Path) -> str:
     return f"sqlite:///{Path(home) / 'jointface.db'}"
 
 
-
 def _best_people(row_sims, row_ids, names: dict[int, str], top_k: int) -> list[SearchHit]:
     """One query's best ``top_k`` people, best first, from its candidates in order (one hit per person; a
     candidate without a name, an empty slot or a face deleted since the index was read, is passed over)."""

@@ -292,16 +292,18 @@ def _int8_session(path: str | os.PathLike, weights_version: str, threads: int, f
         raise Int8ModelError(f"no int8 model for these weights at {path}: make one with "
                              f"`jointface quantize PHOTOS_DIR` (calibrates on photos of faces)")
     try:
-        import onnx
+        source, rearranged = str(path), False
+        if first_conv_s2d:  # the rewrite needs the graph in hand; otherwise ORT reads the file itself
+            import onnx
 
-        model = onnx.load(str(path))
-        made_from = {entry.key: entry.value for entry in model.metadata_props}.get(VERSION_KEY)
-        rearranged = first_conv_s2d and made_from == weights_version and space_to_depth_first_conv(model)
-        session = ort.InferenceSession(model.SerializeToString(), _session_options(ort, threads),
-                                       providers=["CPUExecutionProvider"])
+            model = onnx.load(str(path))
+            rearranged = space_to_depth_first_conv(model)
+            source = model.SerializeToString() if rearranged else source
+        session = ort.InferenceSession(source, _session_options(ort, threads), providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnx and ORT raise their own exception types
         raise Int8ModelError(f"{path}: not a readable ONNX model ({exc}); make it again with "
                              f"`jointface quantize`") from exc
+    made_from = session.get_modelmeta().custom_metadata_map.get(VERSION_KEY)
     if made_from != weights_version:
         raise Int8ModelError(f"{path} was quantised from weights {made_from or 'unknown'}, not these "
                              f"({weights_version}): make it again with `jointface quantize`")

@@ -21,12 +21,6 @@ from pathlib import Path
 import numpy as np
 
 
-def iou(a, b) -> float:
-    x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
 def side(box) -> float:
     return float(((box[2] - box[0]) * (box[3] - box[1])) ** 0.5)
 
@@ -39,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from jointface.bench.common import best_face
+    from jointface.bench.metrics import box_iou_np
     from jointface.engines import get_engine
     from jointface.imageio import load_image
     from jointface.train.v2 import p2_proxy_set
@@ -49,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     for count, (person, path, box) in enumerate(photos, 1):
         faces = engine.detect(load_image(path))
         best = best_face(faces)
-        overlaps = [iou(face.box, box) for face in faces]
-        subject = faces[int(np.argmax(overlaps))] if faces and max(overlaps) >= 0.3 else None
+        overlaps = box_iou_np([face.box for face in faces], [box])[:, 0]
+        subject = faces[int(np.argmax(overlaps))] if faces and overlaps.max() >= 0.3 else None
         rows.append({"photo": str(Path(path).name), "faces": len(faces),
-                     "best_is_subject": best is not None and iou(best.box, box) >= 0.3,
+                     "best_is_subject": best is not None and bool(overlaps[faces.index(best)] >= 0.3),
                      "subject_score": subject.score if subject else None,
                      "subject_side": side(subject.box) if subject else None,
                      "best_score": best.score if best else None, "best_side": side(best.box) if best else None})

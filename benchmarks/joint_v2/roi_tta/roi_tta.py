@@ -36,10 +36,6 @@ def variants(box: list[float]) -> list[list[float]]:
     return out + [[x1 + dx * w, y1 + dy * h, x2 + dx * w, y2 + dy * h] for dx, dy in SHIFTS]
 
 
-def unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("weights", nargs="?", default="jointface/weights/jointface.pt")
@@ -50,17 +46,18 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from jointface.engines.base import l2_normalise
     from jointface.train.v2 import embed_boxes, proxy_rank1, v2_network
 
     torch.set_num_threads(2)
     photos, people, images = p2_photos(args.labels)
     model = v2_network(args.weights)
     with torch.inference_mode():
-        embeddings = unit(np.stack([embed_boxes(model, image, variants(box), args.size)
+        embeddings = l2_normalise(np.stack([embed_boxes(model, image, variants(box), args.size)
                                     for image, (_, _, box) in zip(images, photos)]))  # (photos, 7, D)
     rows = {}
     for name, chosen in ARMS.items():
-        vectors = unit(embeddings[:, chosen].sum(1))
+        vectors = l2_normalise(embeddings[:, chosen].sum(1))
         rank1, probes = proxy_rank1(people, vectors)
         rows[name] = {"rank1@all": rank1, "probes": probes, "open_tpir": open_set(people, vectors)["tpir"]}
         print(name, rows[name], flush=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jointface.engines.onnx_runtime import space_to_depth, space_to_depth_first_conv
+from jointface.engines.onnx_runtime import _session_options, space_to_depth, space_to_depth_first_conv
 
 
 def rewrite(model_path: Path, out_path: Path) -> None:
@@ -38,12 +38,10 @@ def rewrite(model_path: Path, out_path: Path) -> None:
 
 
 def session(path: Path):
+    """An ONNX Runtime session of the model at ``path`` with the engine's options on 2 threads."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = 2, 1, 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), _session_options(ort, 2), providers=["CPUExecutionProvider"])
 
 
 def ms_per_image(run, batch: int, seconds: float) -> float:
